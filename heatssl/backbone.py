@@ -1,0 +1,226 @@
+"""The one adapter to timm: any model as an encoder of an NCHW feature grid, and its export.
+
+Everything goes through timm's public API (``create_model``, ``feature_info``,
+``forward_intermediates``), so CNNs and ViTs look the same to the rest of heatssl: an image batch in,
+a (N, d, h, w) grid of the chosen stage out. Exported weights are a safetensors file that plain timm
+loads with ``pretrained_cfg_overlay=dict(file=...)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from heatssl.config import ConfigError
+
+EXPORT_FORMAT = "heatssl-backbone-v1"
+
+
+def _unknown_model_error(name: str) -> ConfigError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return ConfigError(
+        f"Unknown backbone model.backbone={name!r}: timm has no such model.{hint} "
+        f"List them with `python -c \"import timm; print(timm.list_models('resnet*'))\"`."
+    )
+
+
+def create_timm_model(
+    name: str,
+    image_size: int | None = None,
+    output_stride: int | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Create a timm model without classifier; return it and the kwargs that rebuild it.
+
+    ViTs get ``dynamic_img_size=True`` (the encoder sees a quarter block, the probe the whole image)
+    and ``img_size=image_size`` unless given.
+    """
+    if not timm.is_model(name):
+        raise _unknown_model_error(name)
+    create_kwargs = dict(kwargs)
+    if output_stride is not None:
+        create_kwargs["output_stride"] = output_stride
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **create_kwargs)
+        if hasattr(model, "dynamic_img_size") and hasattr(model, "patch_embed"):
+            create_kwargs.setdefault("dynamic_img_size", True)
+            if image_size is not None:
+                create_kwargs.setdefault("img_size", image_size)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **create_kwargs)
+    except TypeError as err:
+        bad = ", ".join(f"{k}={v!r}" for k, v in create_kwargs.items())
+        raise ConfigError(
+            f"timm model {name!r} does not accept these arguments ({bad}): {err}. "
+            f"Remove the argument (output_stride works for CNNs such as resnet, efficientnet, "
+            f"mobilenetv3; ViTs set their grid with patch_size)."
+        ) from err
+    return model, create_kwargs
+
+
+class Backbone(nn.Module):
+    """A timm model seen as an encoder of one stage's NCHW feature grid.
+
+    Args:
+        name: Any timm model name (``resnet18``, ``vit_tiny_patch16_224``, ...).
+        stage: Index into ``model.feature_info`` (negative counts from the end); -1 = last stage.
+        image_size: Full image size; checked to split into quarter blocks with a >= 2 x 2 grid.
+        output_stride: Dilate CNN stages for a finer grid (8, 16 or 32).
+        pretrained: Start from timm's pretrained weights (needs network access).
+        **kwargs: More ``timm.create_model`` arguments (e.g. ``patch_size=8``).
+
+    Example:
+        >>> enc = Backbone("resnet18", image_size=64, output_stride=16)
+        >>> enc(torch.randn(2, 3, 32, 32)).shape   # a quarter block -> (2, 512, 2, 2)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stage: int = -1,
+        image_size: int | None = None,
+        output_stride: int | None = None,
+        pretrained: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.model, self.create_kwargs = create_timm_model(
+            name, image_size=image_size, output_stride=output_stride, pretrained=pretrained, **kwargs
+        )
+        self.name = name
+        info = self.model.feature_info
+        stages = len(info)
+        if not -stages <= stage < stages:
+            raise ConfigError(
+                f"model.stage={stage} does not exist on {name}: it has {stages} feature stages "
+                f"(indices 0..{stages - 1} or -{stages}..-1; reductions "
+                f"{[f['reduction'] for f in info]})."
+            )
+        self.stage = stage % stages
+        self.is_last = self.stage == stages - 1
+        self.num_features = int(info[self.stage]["num_chs"])
+        self.reduction = int(info[self.stage]["reduction"])
+        self.reductions = [int(f["reduction"]) for f in info]
+        if image_size is not None:
+            self.check_image_size(image_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Feature grid (N, d, H / reduction, W / reduction) of the chosen stage."""
+        (grid,) = self.model.forward_intermediates(
+            x, indices=[self.stage], norm=self.is_last, stop_early=True, intermediates_only=True
+        )
+        return grid
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """Global-average-pooled embedding (N, d) of the chosen stage."""
+        return self(x).mean(dim=(-2, -1))
+
+    def check_image_size(self, image_size: int) -> None:
+        """Refuse sizes whose quarter block does not give an integer grid of at least 2 x 2 cells."""
+        r = self.reduction
+        where = f"{self.name} stage {self.stage} (reduction {r})"
+        if image_size % (2 * r) == 0 and image_size // (2 * r) >= 2:
+            return
+        valid = [s for s in range(4 * r, 4 * r + 2 * r * 64, 2 * r)]
+        nearest = sorted(sorted(valid, key=lambda s: abs(s - image_size))[:2])
+        if image_size % (2 * r) != 0:
+            raise ConfigError(
+                f"data.image_size={image_size} cannot be split into quarter blocks on {where}: it "
+                f"must be a multiple of 2 x {r} = {2 * r}. Nearest sizes that work: "
+                f"{', '.join(map(str, nearest))}."
+            )
+        finer = [i - len(self.reductions) for i, red in enumerate(self.reductions)
+                 if image_size % (2 * red) == 0 and image_size // (2 * red) >= 2]
+        fixes = [f"data.image_size={nearest[0]} or more"]
+        if "patch_embed" not in dict(self.model.named_children()):
+            for os_ in (16, 8):
+                if image_size % (2 * os_) == 0 and image_size // (2 * os_) >= 2 and os_ < r:
+                    fixes.append(f"model.output_stride={os_} (CNNs: block grid "
+                                 f"{image_size // (2 * os_)}x{image_size // (2 * os_)})")
+                    break
+        if finer:
+            fixes.append(f"model.stage={finer[-1]} (reduction {self.reductions[finer[-1]]})")
+        raise ConfigError(
+            f"data.image_size={image_size} gives a kept-block grid of {image_size // (2 * r)}x"
+            f"{image_size // (2 * r)} on {where}; the heat residual needs at least 2x2 neighbours. "
+            f"Use {'; or '.join(fixes)}."
+        )
+
+
+def build_backbone(model_cfg: Any, image_size: int) -> Backbone:
+    """Build the :class:`Backbone` a :class:`heatssl.config.ModelConfig` describes."""
+    return Backbone(
+        model_cfg.backbone,
+        stage=model_cfg.stage,
+        image_size=image_size,
+        output_stride=model_cfg.output_stride,
+        pretrained=model_cfg.pretrained,
+        **model_cfg.kwargs,
+    )
+
+
+def export_backbone(backbone: Backbone, path: str | Path) -> Path:
+    """Write the backbone as a safetensors file that plain timm loads.
+
+    The file holds the full timm state dict (the classifier, which pretraining never trains, at its
+    default size) and, as metadata, the model name and the ``create_model`` kwargs. Load it with::
+
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {k: v for k, v in backbone.create_kwargs.items()}
+    full = timm.create_model(backbone.name, pretrained=False, **kwargs)
+    missing, unexpected = full.load_state_dict(backbone.model.state_dict(), strict=False)
+    head = set(full.state_dict()) - set(backbone.model.state_dict())
+    if unexpected or set(missing) - head:
+        raise RuntimeError(f"Export mismatch: missing {missing}, unexpected {unexpected}.")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in full.state_dict().items()}
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "model_name": backbone.name,
+        "create_kwargs": json.dumps(kwargs),
+        "stage": str(backbone.stage),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any]:
+    """Model name, create kwargs and stage stored in an exported file."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ConfigError(
+            f"{path} is not a heatssl backbone export (metadata format={meta.get('format')!r}, "
+            f"expected {EXPORT_FORMAT!r}). Create one with `heatssl export`."
+        )
+    return {
+        "model_name": meta["model_name"],
+        "create_kwargs": json.loads(meta["create_kwargs"]),
+        "stage": int(meta["stage"]),
+    }
+
+
+def load_exported_backbone(path: str | Path, image_size: int | None = None) -> Backbone:
+    """Rebuild a :class:`Backbone` from an exported safetensors file."""
+    meta = read_export_metadata(path)
+    kwargs = dict(meta["create_kwargs"])
+    output_stride = kwargs.pop("output_stride", None)
+    backbone = Backbone(
+        meta["model_name"], stage=meta["stage"], image_size=image_size,
+        output_stride=output_stride, **kwargs,
+    )
+    state = load_file(str(path))
+    own = backbone.model.state_dict()
+    backbone.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    return backbone

@@ -1,0 +1,352 @@
+"""Images for pretraining: datasets, SSL transforms and a Lightning data module.
+
+Every dataset yields ``(image, label)``: ``image`` a float32 ``[3, S, S]`` tensor normalised with
+ImageNet statistics (timm backbones expect them), ``label`` an int; batches are
+``(float32 [N, 3, S, S], int64 [N])``. Labels are never used for pretraining; they feed
+linear-probe and k-NN monitors. ``digits`` (scikit-learn, bundled) and ``synthetic`` need no
+files or network.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10, STL10, ImageFolder
+from torchvision.transforms import v2
+
+from heatssl.config import ConfigError, DataConfig
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+SYNTHETIC_DATA_SEED = 1234  # fixed: the synthetic images never change, only the split follows seed
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (L, RGBA, P, ...) to RGB; module-level so worker processes can pickle it."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def build_transform(
+    image_size: int, train: bool, augment: str = "ssl", crop_scale_min: float = 0.35
+) -> v2.Compose:
+    """PIL image -> normalised float32 ``[3, image_size, image_size]`` tensor.
+
+    Training with ``augment="ssl"`` uses MAE's minimal augmentation (random resized crop plus
+    horizontal flip): masked-prediction objectives need little else. Everything else resizes the
+    short side and centre-crops, so evaluation is deterministic.
+    """
+    if augment not in ("ssl", "none"):
+        raise ConfigError(
+            f"data.augment={augment!r} is not allowed. Allowed values: 'ssl', 'none'."
+        )
+    if train and augment == "ssl":
+        geometry = [
+            v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    else:
+        geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(
+        [
+            v2.Lambda(_to_rgb),
+            *geometry,
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def denormalize(images: Tensor) -> Tensor:
+    """Undo the ImageNet normalisation of ``[3, H, W]`` or ``[N, 3, H, W]`` images into [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0.0, 1.0)
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images (``[N, H, W]`` grey or ``[N, H, W, 3]`` RGB) with int labels.
+
+    Images are upscaled to ``render_size`` on access (not up front) so tiny sources such as 8x8
+    digits survive random crops without holding large upscaled copies in memory.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, render_size: int, transform: Any = None
+    ) -> None:
+        self.images = images
+        self.labels = labels.astype(np.int64)
+        self.render_size = render_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(self.images[index])
+        if image.size != (self.render_size, self.render_size):
+            image = image.resize((self.render_size, self.render_size), Image.Resampling.BICUBIC)
+        image = _to_rgb(image)
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+class TransformedSubset(Dataset):
+    """``indices`` of a dataset returning ``(PIL image, label)``, with its own transform."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, transform: Any) -> None:
+        self.base = base
+        self.indices = indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.base[int(self.indices[index])]
+        return self.transform(image), int(label)
+
+
+class _FixedClassFolder(ImageFolder):
+    """ImageFolder whose class list is given (the training classes), so label ids match train."""
+
+    def __init__(self, root: Path, classes: list[str], transform: Any) -> None:
+        self._fixed_classes = list(classes)
+        super().__init__(str(root), transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train_indices, val_indices)`` holding out ``val_fraction`` of every class."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_val = round(len(idx) * val_fraction)
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def make_synthetic(
+    size: int, image_size: int = 32, seed: int = SYNTHETIC_DATA_SEED
+) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` uint8 RGB images, 10 classes: class k = stripes of hue k/10 at angle k*18 degrees.
+
+    Phase, frequency and pixel noise are random (seeded), so the class is carried only by colour and
+    orientation, which a classifier can learn and which survive crops.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(size) % 10
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) / image_size
+    images = np.empty((size, image_size, image_size, 3), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        theta = np.pi * k / 10
+        freq = rng.uniform(3.0, 5.0)
+        wave = np.sin(2 * np.pi * (freq * (xx * np.cos(theta) + yy * np.sin(theta)) + rng.random()))
+        colour = np.array(colorsys.hsv_to_rgb(k / 10, 0.9, 0.9), dtype=np.float32)
+        image = colour * (0.6 + 0.4 * wave[..., None])
+        image = image + rng.normal(0.0, 0.05, image.shape)
+        images[i] = np.clip(image * 255.0, 0, 255).round().astype(np.uint8)
+    return images, labels
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 8x8 digits (values 0..16) as uint8 grey images and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * 255.0 / 16.0).clip(0, 255).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+def _check_cfg(cfg: DataConfig) -> None:
+    """Refuse values that would fail later with an obscure error."""
+    if cfg.image_size <= 0 or cfg.batch_size <= 0 or cfg.num_workers < 0:
+        raise ConfigError(
+            f"data.image_size={cfg.image_size}, data.batch_size={cfg.batch_size} must be positive "
+            f"and data.num_workers={cfg.num_workers} must be >= 0."
+        )
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1) (e.g. 0.2).")
+    if not 0.0 < cfg.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.crop_scale_min={cfg.crop_scale_min} must be in (0, 1].")
+    if cfg.name == "synthetic" and cfg.synthetic_size < 10:
+        raise ConfigError(
+            f"data.synthetic_size={cfg.synthetic_size} must be >= 10 (one per class)."
+        )
+
+
+class HeatDataModule(L.LightningDataModule):
+    """Train/val loaders for one :class:`DataConfig`; ``setup`` builds the datasets once."""
+
+    def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
+        super().__init__()
+        _check_cfg(cfg)
+        self.cfg = cfg
+        self.seed = seed
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+        self._class_names: list[str] = []
+
+    # ----- datasets -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download torchvision datasets once per node (Lightning calls this on one process)."""
+        if self.cfg.name in ("cifar10", "stl10") and self.cfg.download:
+            self._torchvision_split(train=True, transform=None)
+            self._torchvision_split(train=False, transform=None)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build train and val datasets; later calls are no-ops."""
+        if self._train is not None:
+            return
+        cfg = self.cfg
+        train_tf = build_transform(cfg.image_size, True, cfg.augment, cfg.crop_scale_min)
+        val_tf = build_transform(cfg.image_size, False)
+        if cfg.name in ("digits", "synthetic"):
+            if cfg.name == "digits":
+                images, labels = _load_digits()
+            else:
+                images, labels = make_synthetic(cfg.synthetic_size)
+            tr, va = stratified_split(labels, cfg.val_fraction, self.seed)
+            size = max(cfg.image_size, 32)
+            self._train = ArrayImageDataset(images[tr], labels[tr], size, train_tf)
+            self._val = ArrayImageDataset(images[va], labels[va], size, val_tf)
+            self._class_names = [str(k) for k in range(10)]
+        elif cfg.name == "imagefolder":
+            self._setup_imagefolder(train_tf, val_tf)
+        elif cfg.name in ("cifar10", "stl10"):
+            self._train = self._torchvision_split(train=True, transform=train_tf)
+            self._val = self._torchvision_split(train=False, transform=val_tf)
+            self._class_names = list(self._train.classes)
+        else:
+            raise ConfigError(
+                f"data.name={cfg.name!r} is not allowed. Allowed values: "
+                "'digits', 'imagefolder', 'cifar10', 'stl10', 'synthetic'."
+            )
+
+    def _setup_imagefolder(self, train_tf: Any, val_tf: Any) -> None:
+        """``root/train/<class>/*`` plus optional ``root/val/<class>/*`` via ImageFolder."""
+        layout = "<root>/train/<class>/*.jpg and optionally <root>/val/<class>/*.jpg"
+        root = Path(self.cfg.root or "")
+        if not self.cfg.root or not root.is_dir():
+            raise ConfigError(
+                f"data.root='{self.cfg.root}' is not a folder. data.name=imagefolder expects "
+                f"{layout}. Set data.root=/path/to/dataset."
+            )
+        if not (root / "train").is_dir():
+            raise ConfigError(
+                f"No 'train' folder in data.root='{root}'. Expected {layout}; move your class "
+                f"folders into {root / 'train'} or point data.root at the folder that holds train/."
+            )
+        try:
+            full = ImageFolder(str(root / "train"))
+        except FileNotFoundError as err:
+            raise ConfigError(f"Cannot read {root / 'train'}: {err}. Expected {layout}.") from err
+        self._class_names = list(full.classes)
+        val_root = root / "val"
+        if not val_root.is_dir():
+            tr, va = stratified_split(np.array(full.targets), self.cfg.val_fraction, self.seed)
+            self._train = TransformedSubset(full, tr, train_tf)
+            self._val = TransformedSubset(full, va, val_tf)
+            return
+        val_classes = sorted(p.name for p in val_root.iterdir() if p.is_dir())
+        extra = [c for c in val_classes if c not in full.class_to_idx]
+        if extra:
+            raise ConfigError(
+                f"{val_root} has class folder(s) {extra} that {root / 'train'} lacks; labels would "
+                f"not match. Add them to train/ or remove them from val/."
+            )
+        full.transform = train_tf
+        self._train = full
+        self._val = _FixedClassFolder(val_root, full.classes, val_tf)
+
+    def _torchvision_split(self, train: bool, transform: Any) -> Dataset:
+        """CIFAR10 or STL10 train/test split; torchvision errors become ConfigError."""
+        cfg = self.cfg
+        root = cfg.root or f"data/{cfg.name}"
+        try:
+            if cfg.name == "cifar10":
+                return CIFAR10(root, train=train, transform=transform, download=cfg.download)
+            split = "train" if train else "test"
+            return STL10(root, split=split, transform=transform, download=cfg.download)
+        except (RuntimeError, OSError) as err:
+            if not cfg.download:
+                raise ConfigError(
+                    f"{cfg.name} files not found under data.root='{root}'. Set data.download=true "
+                    f"to fetch them (needs network), or put the extracted files there."
+                ) from err
+            raise ConfigError(
+                f"Downloading {cfg.name} into '{root}' failed ({err}). Check network access, or "
+                f"download it elsewhere and copy it there with data.download=false."
+            ) from err
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """Training dataset (built on first access)."""
+        self.setup()
+        return self._train
+
+    @property
+    def val_dataset(self) -> Dataset:
+        """Validation dataset (built on first access)."""
+        self.setup()
+        return self._val
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order."""
+        self.setup()
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (for probes and k-NN monitors)."""
+        return len(self.class_names)
+
+    # ----- loaders --------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) >= self.cfg.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, seeded; drops the last partial batch when there is at least one full one."""
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """In order, with the deterministic eval transform."""
+        return self._loader(self.val_dataset, train=False)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in each worker from torch's per-worker seed (itself seeded)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_datamodule(cfg: DataConfig, seed: int = 0) -> HeatDataModule:
+    """The data module for ``cfg`` (datasets are built lazily by ``setup``)."""
+    return HeatDataModule(cfg, seed=seed)

@@ -1,0 +1,58 @@
+"""The light pixel decoder: predicted feature grid (N, d, h, w) -> image (N, 3, h*r, w*r).
+
+A 1x1 projection, ``depth`` 3x3 conv blocks at grid resolution, then one (upsample x2, 3x3 conv) block
+per factor of two of the reduction r, halving the width each time, and a 1x1 conv to pixels. It is
+thrown away after pretraining, so it is kept small: the encoder, not the decoder, should do the work.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()
+    )
+
+
+class ConvDecoder(nn.Module):
+    """Decode a feature grid to pixels.
+
+    Args:
+        in_dim: Channels of the feature grid (the backbone stage's width).
+        reduction: Pixels per grid cell (a power of two: the backbone stage's reduction).
+        width: Channels after the 1x1 projection.
+        depth: 3x3 conv blocks at grid resolution before upsampling.
+        min_width: Lower bound on the width while it halves at each upsampling.
+        out_channels: Image channels.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        reduction: int,
+        width: int = 128,
+        depth: int = 1,
+        min_width: int = 16,
+        out_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if reduction < 1 or reduction & (reduction - 1):
+            raise ValueError(f"reduction={reduction} must be a power of two (1, 2, 4, 8, ...).")
+        layers: list[nn.Module] = [nn.Conv2d(in_dim, width, 1)]
+        layers += [_conv_block(width, width) for _ in range(depth)]
+        c = width
+        for _ in range(int(math.log2(reduction))):
+            c_next = max(min_width, c // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_block(c, c_next)]
+            c = c_next
+        layers.append(nn.Conv2d(c, out_channels, 1))
+        self.layers = nn.Sequential(*layers)
+        self.reduction = reduction
+
+    def forward(self, grid: Tensor) -> Tensor:
+        """Pixels (N, out_channels, h * reduction, w * reduction)."""
+        return self.layers(grid)

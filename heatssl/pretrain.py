@@ -1,0 +1,144 @@
+"""The LightningModule of QB-Heat pretraining: optimiser, schedule, logging and reconstruction pictures.
+
+The objective itself is :class:`heatssl.qbheat.QBHeat`; this module only trains it. Its hyperparameters
+are the resolved run config as a plain dict, so a checkpoint alone rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from heatssl.backbone import build_backbone
+from heatssl.config import Config, load_config
+from heatssl.data import denormalize
+from heatssl.figures import figure_to_tensor, reconstruction_figure, save_figure
+from heatssl.heat import quadrant_mask
+from heatssl.qbheat import QBHeat, patch_normalize
+
+PICTURE_IMAGES = 8
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class HeatPretrainModule(L.LightningModule):
+    """Train :class:`QBHeat` with AdamW, warm-up + cosine, lr = base_lr x effective batch / 256.
+
+    Args:
+        config: The run config (a :class:`Config` or its ``to_dict()``).
+        picture_dir: Where reconstruction pictures go (None: no pictures).
+    """
+
+    def __init__(self, config: Config | dict[str, Any], picture_dir: str | None = None) -> None:
+        super().__init__()
+        cfg = config if isinstance(config, Config) else load_config(config)
+        self.save_hyperparameters({"config": cfg.to_dict(), "picture_dir": picture_dir})
+        self.cfg = cfg
+        self.qbheat = QBHeat.from_config(build_backbone(cfg.model, cfg.data.image_size), cfg)
+        self.picture_dir = picture_dir
+        self._picture_batch: Tensor | None = None
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The timm backbone adapter being pretrained."""
+        return self.qbheat.backbone
+
+    def effective_batch_size(self) -> int:
+        """Per-device batch x devices x nodes x gradient accumulation."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return self.cfg.data.batch_size * world * accumulate
+
+    def learning_rate(self) -> float:
+        """The peak lr: base_lr x effective batch / 256 (MAE's scaling rule)."""
+        return self.cfg.optim.base_lr * self.effective_batch_size() / 256
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images = batch[0]
+        if self._picture_batch is None and self.picture_dir is not None:
+            self._picture_batch = images[:PICTURE_IMAGES].detach().clone()
+        out = self.qbheat(images)
+        parts = {"train/loss": out.loss, "train/rec": out.rec}
+        if out.heat is not None:
+            parts["train/heat"] = out.heat
+        if out.commute is not None:
+            parts["train/commute"] = out.commute
+        self.log_dict(parts, prog_bar=False, sync_dist=False, batch_size=images.shape[0])
+        self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=images.shape[0])
+        return out.loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.qbheat.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Biases, norms, the heat operators and the mask token are not decayed.
+            physics = name.startswith(("predictor.", "heat_loss."))
+            (no_decay if param.ndim < 2 or physics else decay).append(param)
+        opt = self.cfg.optim
+        lr = self.learning_rate()
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": opt.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+            betas=tuple(opt.betas),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs))
+        warmup = int(opt.warmup_epochs * per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, opt.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_epoch_end(self) -> None:
+        every = self.cfg.trainer.picture_every_n_epochs
+        epoch = self.current_epoch + 1
+        last = epoch == self.trainer.max_epochs
+        if self._picture_batch is None or every <= 0 or (epoch % every and not last):
+            return
+        if self.trainer.is_global_zero:
+            self.save_picture(self._picture_batch, epoch)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images in [0, 1], the masked-region mask and the reconstruction in [0, 1] (eval mode).
+
+        Quadrants cycle through all four over the batch. With norm_pix the decoder predicts
+        standardised patches; they are shown with the true patches' mean and std, as MAE does.
+        """
+        was_training = self.qbheat.training
+        self.qbheat.eval()
+        q = torch.arange(images.shape[0], device=images.device) % 4
+        out = self.qbheat(images, quadrant=q)
+        self.qbheat.train(was_training)
+        pred = out.pred.float()
+        if self.qbheat.norm_pix:
+            _, mean, std = patch_normalize(images.float(), self.backbone.reduction)
+            pred = pred * std + mean
+        mask = quadrant_mask(q, images.shape[-2], images.shape[-1])
+        return denormalize(images.float()), mask, denormalize(pred)
+
+    def save_picture(self, images: Tensor, epoch: int) -> Path | None:
+        """Write the reconstruction sheet for ``epoch`` to the run folder and to the logger."""
+        if self.picture_dir is None:
+            return None
+        shown, mask, recon = self.reconstruct(images)
+        fig = reconstruction_figure(shown, mask, recon, title=f"QB-Heat, epoch {epoch}")
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image("reconstruction", figure_to_tensor(fig), self.global_step)
+        return save_figure(fig, Path(self.picture_dir) / f"reconstruction_epoch{epoch:03d}.png")

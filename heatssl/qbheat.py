@@ -1,0 +1,169 @@
+"""QB-Heat as one plain nn.Module: quarter crop -> encode -> extrapolate -> decode -> losses.
+
+No Lightning here, so the objective can be stepped, timed and tested on its own; the LightningModule in
+:mod:`heatssl.pretrain` only adds the optimiser, the schedule, logging and pictures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from heatssl.backbone import Backbone
+from heatssl.config import Config
+from heatssl.decoder import ConvDecoder
+from heatssl.heat import (
+    QUADRANTS,
+    HeatLoss,
+    HeatPredictor,
+    MaskTokenPredictor,
+    crop_quadrant,
+    quadrant_mask,
+)
+
+
+def patch_normalize(images: Tensor, patch: int, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Standardise every non-overlapping ``patch`` x ``patch`` cell over its pixels and channels.
+
+    Returns the normalised images and the per-pixel mean and std (broadcast back to (N, C, H, W)), as
+    MAE's norm_pix_loss does for its targets.
+    """
+    n, c, h, w = images.shape
+    cells = images.reshape(n, c, h // patch, patch, w // patch, patch)
+    mean = cells.mean(dim=(1, 3, 5), keepdim=True)
+    std = (cells.var(dim=(1, 3, 5), keepdim=True, unbiased=False) + eps).sqrt()
+    expand = (n, c, h // patch, patch, w // patch, patch)
+    return (
+        ((cells - mean) / std).reshape(n, c, h, w),
+        mean.expand(expand).reshape(n, c, h, w),
+        std.expand(expand).reshape(n, c, h, w),
+    )
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean squared error over the pixels where ``weight`` (N, 1, H, W) is 1 (all when None)."""
+    err = (pred.float() - target.float()).pow(2).mean(dim=1, keepdim=True)
+    if weight is None:
+        return err.mean()
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@dataclass
+class QBHeatOutput:
+    """What one QB-Heat forward gives: the total loss, its parts, and the tensors for pictures."""
+
+    loss: Tensor
+    rec: Tensor
+    heat: Tensor | None
+    commute: Tensor | None
+    pred: Tensor  # decoder output, in the target's space (normalised patches when norm_pix)
+    quadrant: Tensor
+
+
+class QBHeat(nn.Module):
+    """Quarter-block masked image modelling with heat-equation extrapolation (METHOD.md section 2-3).
+
+    Args:
+        backbone: The encoder of the kept quarter block.
+        predictor: ``heat`` (learned A, B), ``copy`` (A = B = 0, frozen) or ``mask_token``
+            (MAE-style baseline: one learned feature in the masked quadrants).
+        step: Heat step rule, ``euler`` or ``normalized``.
+        init: Initial A and B, ``zeros`` or ``random``.
+        quadrant: ``random`` (per sample) or a fixed quadrant name.
+        heat_weight: Weight of the heat residual loss on the encoder's own block grid.
+        commute_weight: Weight of ``||AB - BA||_F^2``.
+        decoder_width, decoder_depth, decoder_min_width: See :class:`ConvDecoder`.
+        region: ``masked`` (the three masked quadrants) or ``full`` (whole image) for the pixel loss.
+        norm_pix: Score against per-patch standardised pixels (patch = one grid cell).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        predictor: str = "heat",
+        step: str = "euler",
+        init: str = "zeros",
+        quadrant: str = "random",
+        heat_weight: float = 0.1,
+        commute_weight: float = 1e-3,
+        decoder_width: int = 128,
+        decoder_depth: int = 1,
+        decoder_min_width: int = 16,
+        region: str = "masked",
+        norm_pix: bool = True,
+    ) -> None:
+        super().__init__()
+        if quadrant != "random" and quadrant not in QUADRANTS:
+            raise ValueError(f"quadrant={quadrant!r}: allowed 'random' or one of {QUADRANTS}.")
+        dim = backbone.num_features
+        self.backbone = backbone
+        if predictor == "heat":
+            self.predictor: nn.Module = HeatPredictor(dim, step=step, init=init)
+        elif predictor == "copy":
+            self.predictor = HeatPredictor(dim, step=step, init="zeros", trainable=False)
+        elif predictor == "mask_token":
+            self.predictor = MaskTokenPredictor(dim)
+        else:
+            raise ValueError(f"predictor={predictor!r}: allowed 'heat', 'copy', 'mask_token'.")
+        operators = getattr(self.predictor, "operators", None)
+        # The mask-token baseline has no A, B of its own: the heat loss then brings its own.
+        self.heat_loss = (
+            HeatLoss(dim=dim, operators=operators, step=step)
+            if operators is not None or heat_weight > 0
+            else None
+        )
+        self.decoder = ConvDecoder(
+            dim, backbone.reduction, decoder_width, decoder_depth, decoder_min_width
+        )
+        self.quadrant, self.heat_weight, self.commute_weight = quadrant, heat_weight, commute_weight
+        self.region, self.norm_pix = region, norm_pix
+
+    @classmethod
+    def from_config(cls, backbone: Backbone, cfg: Config) -> QBHeat:
+        """Build from the ``heat``, ``decoder`` and ``loss`` sections of a run config."""
+        h, d, lo = cfg.heat, cfg.decoder, cfg.loss
+        return cls(
+            backbone,
+            predictor=h.predictor,
+            step=h.step,
+            init=h.init,
+            quadrant=h.quadrant,
+            heat_weight=h.heat_weight,
+            commute_weight=h.commute_weight,
+            decoder_width=d.width,
+            decoder_depth=d.depth,
+            decoder_min_width=d.min_width,
+            region=lo.region,
+            norm_pix=lo.norm_pix,
+        )
+
+    def sample_quadrants(self, n: int, device: torch.device) -> Tensor:
+        """One kept-quadrant id per sample: random, or the configured fixed one."""
+        if self.quadrant == "random":
+            return torch.randint(0, 4, (n,), device=device)
+        return torch.full((n,), QUADRANTS.index(self.quadrant), device=device, dtype=torch.long)
+
+    def target(self, images: Tensor) -> Tensor:
+        """What the decoder is asked to produce: the image, per-patch standardised if norm_pix."""
+        if not self.norm_pix:
+            return images
+        return patch_normalize(images, self.backbone.reduction)[0]
+
+    def forward(self, images: Tensor, quadrant: Tensor | None = None) -> QBHeatOutput:
+        """Run the objective on a batch of full images (N, 3, H, W)."""
+        n, _, h, w = images.shape
+        q = self.sample_quadrants(n, images.device) if quadrant is None else quadrant
+        block = self.backbone(crop_quadrant(images, q))
+        pred = self.decoder(self.predictor(block, q))
+        weight = quadrant_mask(q, h, w) if self.region == "masked" else None
+        rec = reconstruction_loss(pred, self.target(images), weight)
+        loss, heat, commute = rec, None, None
+        if self.heat_loss is not None and self.heat_weight > 0:
+            heat = self.heat_loss(block)
+            loss = loss + self.heat_weight * heat
+        if self.heat_loss is not None and self.commute_weight > 0 and self.heat_loss.operators.A.requires_grad:
+            commute = self.heat_loss.operators.commutator()
+            loss = loss + self.commute_weight * commute
+        return QBHeatOutput(loss, rec, heat, commute, pred, q)

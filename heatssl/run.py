@@ -1,0 +1,149 @@
+"""Run folders and the Lightning Trainer: pretrain, resume and export, as the CLI and scripts call them.
+
+A run folder holds ``config.yaml`` (the resolved config: rerun with ``heatssl pretrain -c`` on it),
+``checkpoints/`` (``last.ckpt`` plus one per epoch), ``pictures/`` and ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from heatssl.backbone import Backbone, export_backbone
+from heatssl.config import Config, ConfigError, load_config, save_config
+from heatssl.data import build_datamodule
+from heatssl.pretrain import HeatPretrainModule
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished pretraining run left its files, and what it cost."""
+
+    run_dir: Path
+    last_checkpoint: Path
+    seconds: float
+    global_step: int
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """The folder of a run's checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
+    kind = cfg.trainer.logger
+    if kind == "none":
+        return False
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard")
+    return CSVLogger(save_dir=str(run_dir), name="", version="")
+
+
+def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
+    """A Lightning Trainer for ``cfg`` writing into ``run_dir``."""
+    t = cfg.trainer
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir(run_dir),
+            filename="epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            every_n_epochs=max(1, t.checkpoint_every_n_epochs),
+            save_top_k=-1,
+            save_last=True,
+        )
+    ]
+    logger = _logger(cfg, run_dir)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return L.Trainer(
+        default_root_dir=str(run_dir),
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=0,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        logger=logger,
+        callbacks=callbacks,
+    )
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> str | None:
+    """The checkpoint to resume from: ``last`` (this run folder's last.ckpt) or a path."""
+    if resume is None:
+        return None
+    path = checkpoint_dir(cfg.run_dir) / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {resume}: no checkpoint at {path}. Give a .ckpt path, or 'last' with the "
+            f"run's config (run_dir={cfg.run_dir})."
+        )
+    return str(path)
+
+
+def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
+    """Pretrain with QB-Heat as ``cfg`` says; write the run folder; return where things are."""
+    ckpt_path = resolve_resume(cfg, resume)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.run_dir)
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    module = HeatPretrainModule(cfg, picture_dir=str(run_dir / "pictures"))
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        save_config(cfg, run_dir / "config.yaml")
+        batch = cfg.data.batch_size * trainer.world_size * cfg.trainer.accumulate_grad_batches
+        print(
+            f"heatssl: {cfg.model.backbone} on {cfg.data.name}, effective batch {batch}, "
+            f"lr {cfg.optim.base_lr * batch / 256:.3g} (base_lr {cfg.optim.base_lr:g} x {batch} / 256)"
+            f", run folder {run_dir}"
+        )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return PretrainResult(
+        run_dir=run_dir,
+        last_checkpoint=checkpoint_dir(run_dir) / "last.ckpt",
+        seconds=time.perf_counter() - start,
+        global_step=trainer.global_step,
+    )
+
+
+def load_checkpoint_config(path: str | Path) -> Config:
+    """The run config stored inside a pretraining checkpoint."""
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        return load_config(ckpt["hyper_parameters"]["config"])
+    except KeyError as err:
+        raise ConfigError(
+            f"{path} is not a heatssl pretraining checkpoint (no hyper_parameters.config)."
+        ) from err
+
+
+def backbone_from_checkpoint(path: str | Path) -> Backbone:
+    """The pretrained backbone of a pretraining checkpoint (loaded safely, weights only)."""
+    cfg = load_checkpoint_config(path)
+    module = HeatPretrainModule(cfg)
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.backbone
+
+
+def export(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """Export a checkpoint's backbone to safetensors (default: next to the run's checkpoints)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ConfigError(f"Checkpoint {checkpoint} does not exist.")
+    if out is None:
+        out = checkpoint.parent.parent / "backbone.safetensors"
+    return export_backbone(backbone_from_checkpoint(checkpoint), out)
