@@ -62,7 +62,7 @@ def create_timm_model(
         raise ConfigError(
             f"timm model {name!r} does not accept these arguments ({bad}): {err}. "
             f"Remove the argument (output_stride works for CNNs such as resnet, efficientnet, "
-            f"mobilenetv3; ViTs set their grid with patch_size)."
+            f"convnext, regnet, not mobilenetv3; ViTs set their grid with patch_size)."
         ) from err
     return model, create_kwargs
 
@@ -126,34 +126,38 @@ class Backbone(nn.Module):
 
     def check_image_size(self, image_size: int) -> None:
         """Refuse sizes whose quarter block does not give an integer grid of at least 2 x 2 cells."""
+
+        def fits(reduction: int) -> bool:
+            return image_size % (2 * reduction) == 0 and image_size // (2 * reduction) >= 2
+
         r = self.reduction
-        where = f"{self.name} stage {self.stage} (reduction {r})"
-        if image_size % (2 * r) == 0 and image_size // (2 * r) >= 2:
+        if fits(r):
             return
-        valid = [s for s in range(4 * r, 4 * r + 2 * r * 64, 2 * r)]
+        where = f"{self.name} stage {self.stage} (reduction {r})"
+        valid = range(4 * r, 4 * r + 2 * r * 64, 2 * r)
         nearest = sorted(sorted(valid, key=lambda s: abs(s - image_size))[:2])
-        if image_size % (2 * r) != 0:
-            raise ConfigError(
-                f"data.image_size={image_size} cannot be split into quarter blocks on {where}: it "
-                f"must be a multiple of 2 x {r} = {2 * r}. Nearest sizes that work: "
-                f"{', '.join(map(str, nearest))}."
-            )
-        finer = [i - len(self.reductions) for i, red in enumerate(self.reductions)
-                 if image_size % (2 * red) == 0 and image_size // (2 * red) >= 2]
-        fixes = [f"data.image_size={nearest[0]} or more"]
+        fixes = [f"data.image_size={' or '.join(map(str, nearest))}"]
         if "patch_embed" not in dict(self.model.named_children()):
-            for os_ in (16, 8):
-                if image_size % (2 * os_) == 0 and image_size // (2 * os_) >= 2 and os_ < r:
-                    fixes.append(f"model.output_stride={os_} (CNNs: block grid "
-                                 f"{image_size // (2 * os_)}x{image_size // (2 * os_)})")
-                    break
-        if finer:
-            fixes.append(f"model.stage={finer[-1]} (reduction {self.reductions[finer[-1]]})")
-        raise ConfigError(
-            f"data.image_size={image_size} gives a kept-block grid of {image_size // (2 * r)}x"
-            f"{image_size // (2 * r)} on {where}; the heat residual needs at least 2x2 neighbours. "
-            f"Use {'; or '.join(fixes)}."
-        )
+            strides = [s for s in (16, 8) if s < r and fits(s)]
+            if strides:
+                g = image_size // (2 * strides[0])
+                fixes.append(f"model.output_stride={strides[0]} (most CNNs; block grid {g}x{g})")
+        stages = [i - len(self.reductions) for i, red in enumerate(self.reductions) if fits(red)]
+        if stages:
+            fixes.append(f"model.stage={stages[-1]} (reduction {self.reductions[stages[-1]]})")
+        if image_size % (2 * r):
+            problem = (
+                f"data.image_size={image_size} cannot be split into quarter blocks on {where}: "
+                f"it must be a multiple of 2 x {r} = {2 * r}, at least {4 * r}."
+            )
+        else:
+            g = image_size // (2 * r)
+            problem = (
+                f"data.image_size={image_size} gives a kept-block grid of {g}x{g} on {where}; "
+                f"the heat residual needs at least 2x2 neighbours."
+            )
+        raise ConfigError(f"{problem} Nearest sizes that work: {', '.join(map(str, nearest))}. "
+                          f"Fix: {'; or '.join(fixes)}.")
 
 
 def build_backbone(model_cfg: Any, image_size: int) -> Backbone:

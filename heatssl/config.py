@@ -189,6 +189,11 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{path}={value!r}: expected a number.")
     if annotation is str:
         if isinstance(value, str):

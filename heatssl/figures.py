@@ -19,7 +19,7 @@ def _to_hwc(image: Tensor) -> Tensor:
 def reconstruction_figure(
     images: Tensor, mask: Tensor, recon: Tensor, title: str = ""
 ) -> matplotlib.figure.Figure:
-    """A figure with one row per image: input, kept quarter (masked part grey), reconstruction.
+    """A figure with one column per image; rows: input, kept quarter (rest grey), reconstruction.
 
     Args:
         images: Input images in [0, 1], (N, 3, H, W).
@@ -28,18 +28,17 @@ def reconstruction_figure(
         title: Figure title.
     """
     n = images.shape[0]
-    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(1.3 * n + 0.9, 4.2), squeeze=False)
     kept = images * (1 - mask) + 0.5 * mask
-    for i in range(n):
-        for j, (img, name) in enumerate(
-            ((images[i], "input"), (kept[i], "kept quarter"), (recon[i], "reconstruction"))
-        ):
-            ax = axes[i, j]
-            ax.imshow(_to_hwc(img), interpolation="nearest")
+    for row, (batch, name) in enumerate(
+        ((images, "input"), (kept, "kept quarter"), (recon, "reconstruction"))
+    ):
+        for i in range(n):
+            ax = axes[row, i]
+            ax.imshow(_to_hwc(batch[i]), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=9)
+        axes[row, 0].set_ylabel(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

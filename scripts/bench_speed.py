@@ -1,0 +1,380 @@
+"""CPU speed benchmark: one QB-Heat training step vs one full-image forward+backward, side by side.
+
+What it measures, per model (resnet18 at 64 px with ``output_stride=16``; vit_tiny with patch 8 at
+64 px), in one process and at the same batch and image size:
+
+* ``qbheat``: a real QB-Heat training step (``QBHeat`` default arguments, ``heat_weight=0.1``):
+  forward on the full images (the encoder sees one quarter block), ``loss.backward()``, AdamW
+  ``step()``, ``zero_grad()``.
+* ``qbheat_noheat``: the same step with ``heat_weight=0`` (no heat residual loss); the heat residual
+  overhead is ``time(qbheat) / time(qbheat_noheat) - 1`` (target: at most 5 %).
+* ``full_image``: the same backbone construction (same timm kwargs, same ``output_stride``) on the
+  full image: forward to the same stage's feature grid, a trivial loss ``grid.pow(2).mean()``,
+  backward and an AdamW step over the backbone's parameters. The speedup is
+  ``img/s(qbheat) / img/s(full_image)`` (target: at least 2.5x; the encoder sees a quarter of the
+  pixels, so the limit is near 4x).
+
+The three variants are timed in interleaved rounds (a few steps of each, in a rotating order) so
+that machine noise drifts over all of them alike; warm-up steps are excluded; every step is timed
+with ``time.perf_counter`` and both the median-step and the mean img/s are reported. Ratios and
+pass/fail use the median step time.
+
+Finally it runs ``heatssl demo`` in a subprocess (in a temporary run folder) and records its wall
+time (target: under 3 minutes) and its peak resident memory
+(``getrusage(RUSAGE_CHILDREN).ru_maxrss``).
+
+Usage::
+
+    python scripts/bench_speed.py            # defaults: batch 32, 20 timed steps, 2 threads
+    python scripts/bench_speed.py --out bench_results/speed.json --batch 32 --steps 20 \\
+        --warmup 3 --threads 2 [--round 5] [--skip-demo]
+
+It prints a table and writes the JSON (machine info, settings, per-step times, img/s, ratios,
+pass/fail) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from heatssl.backbone import Backbone
+from heatssl.qbheat import QBHeat
+
+SPEEDUP_TARGET = 2.5
+HEAT_OVERHEAD_TARGET = 0.05
+DEMO_SECONDS_TARGET = 180.0
+VARIANTS = ("qbheat", "qbheat_noheat", "full_image")
+
+
+@dataclass
+class ModelSpec:
+    """One backbone setting to benchmark."""
+
+    label: str
+    name: str
+    image_size: int
+    output_stride: int | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Backbone:
+        """A fresh :class:`Backbone` of this setting (same construction for every variant)."""
+        return Backbone(
+            self.name,
+            image_size=self.image_size,
+            output_stride=self.output_stride,
+            **self.timm_kwargs,
+        )
+
+
+MODELS: tuple[ModelSpec, ...] = (
+    # At the default stride 32 a 64 px image gives a 32 px block -> 1x1 grid, which QB-Heat refuses.
+    ModelSpec("resnet18@64 (os16)", "resnet18", 64, output_stride=16),
+    ModelSpec("vit_tiny/8@64", "vit_tiny_patch16_224", 64, timm_kwargs={"patch_size": 8}),
+)
+
+
+def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (betas and weight decay as the project's defaults)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+
+def qbheat_step_fn(model: QBHeat, images: Tensor) -> Callable[[], float]:
+    """One QB-Heat training step: forward, backward, AdamW step, zero_grad; returns the loss."""
+    optimizer = make_optimizer(model)
+
+    def step() -> float:
+        out = model(images)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return step
+
+
+def full_image_step_fn(backbone: Backbone, images: Tensor) -> Callable[[], float]:
+    """One full-image step: backbone forward to the grid, trivial loss, backward, AdamW step."""
+    optimizer = make_optimizer(backbone)
+
+    def step() -> float:
+        grid = backbone(images)
+        loss = grid.float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def count_params(module: nn.Module) -> int:
+    """Trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def summarize(times: list[float], batch: int) -> dict[str, float]:
+    """Median / mean step time and the img/s they give."""
+    median, mean = statistics.median(times), statistics.fmean(times)
+    return {
+        "steps": len(times),
+        "median_s": median,
+        "mean_s": mean,
+        "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+        "min_s": min(times),
+        "max_s": max(times),
+        "img_per_s_median": batch / median,
+        "img_per_s_mean": batch / mean,
+    }
+
+
+def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """Time the three variants of one model in interleaved rounds."""
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
+    backbones = {v: spec.build() for v in VARIANTS}
+    qb_heat = QBHeat(backbones["qbheat"], heat_weight=0.1).train()
+    qb_noheat = QBHeat(backbones["qbheat_noheat"], heat_weight=0.0).train()
+    full = backbones["full_image"].train()
+    steps: dict[str, Callable[[], float]] = {
+        "qbheat": qbheat_step_fn(qb_heat, images),
+        "qbheat_noheat": qbheat_step_fn(qb_noheat, images),
+        "full_image": full_image_step_fn(full, images),
+    }
+    with torch.no_grad():
+        half = spec.image_size // 2
+        block_grid = tuple(full(images[:1, :, :half, :half]).shape[1:])
+        full_grid = tuple(full(images[:1]).shape[1:])
+
+    print(f"\n[{spec.label}] block grid {block_grid}, full grid {full_grid}, batch {args.batch}")
+    for name, fn in steps.items():
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            fn()
+        print(f"  warm-up {name:<14} {args.warmup} steps in {time.perf_counter() - start:6.1f} s")
+
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    rounds = -(-args.steps // args.round)
+    for r in range(rounds):
+        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate who goes first
+        n = min(args.round, args.steps - r * args.round)
+        for name in order:
+            for _ in range(n):
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
+        done = ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.0f} ms" for v in VARIANTS)
+        print(f"  round {r + 1}/{rounds}: median so far: {done}")
+
+    results = {v: summarize(times[v], args.batch) for v in VARIANTS}
+    speedup = results["qbheat"]["img_per_s_median"] / results["full_image"]["img_per_s_median"]
+    speedup_mean = results["qbheat"]["img_per_s_mean"] / results["full_image"]["img_per_s_mean"]
+    overhead = results["qbheat"]["median_s"] / results["qbheat_noheat"]["median_s"] - 1.0
+    overhead_mean = results["qbheat"]["mean_s"] / results["qbheat_noheat"]["mean_s"] - 1.0
+    return {
+        "settings": {
+            "label": spec.label,
+            "name": spec.name,
+            "timm_kwargs": dict(backbones["full_image"].create_kwargs),
+            "image_size": spec.image_size,
+            "output_stride": spec.output_stride,
+            "batch": args.batch,
+            "reduction": backbones["full_image"].reduction,
+            "block_grid": list(block_grid),
+            "full_grid": list(full_grid),
+            "qbheat_kwargs": "QBHeat defaults except heat_weight (0.1 / 0.0)",
+            "params": {
+                "backbone": count_params(full),
+                "qbheat_total": count_params(qb_heat),
+                "decoder": count_params(qb_heat.decoder),
+                "predictor": count_params(qb_heat.predictor),
+            },
+            "note": (
+                "full_image uses the same Backbone construction (same timm kwargs and "
+                "output_stride) as QB-Heat's encoder, on the whole image, to the same stage grid; "
+                "loss = grid.float().pow(2).mean(); AdamW over the backbone parameters."
+            ),
+        },
+        "variants": results,
+        "step_times_s": times,
+        "speedup_median": speedup,
+        "speedup_mean": speedup_mean,
+        "speedup_pass": speedup >= SPEEDUP_TARGET,
+        "heat_overhead_median": overhead,
+        "heat_overhead_mean": overhead_mean,
+        "heat_overhead_pass": overhead <= HEAT_OVERHEAD_TARGET,
+    }
+
+
+def run_demo(timeout: float) -> dict[str, Any]:
+    """Run ``heatssl demo`` in a subprocess; return wall time, peak RSS and pass/fail."""
+    before_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryDirectory(prefix="heatssl_bench_demo_") as tmp:
+        cmd = [sys.executable, "-m", "heatssl.cli", "demo", f"run_dir={Path(tmp) / 'demo'}"]
+        print(f"\n[demo] {' '.join(cmd)}  (output captured)")
+        log_path = Path(tmp) / "demo.log"
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        seconds = time.perf_counter() - start
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+    if rc != 0:
+        print("[demo] FAILED, last lines:\n  " + "\n  ".join(tail))
+    return {
+        "command": cmd,
+        "returncode": rc,
+        "wall_s": seconds,
+        "peak_rss_mib": peak_kib / 1024.0,
+        "peak_rss_note": (
+            "getrusage(RUSAGE_CHILDREN).ru_maxrss after wait (largest waited child, KiB on Linux); "
+            f"value before the demo: {before_kib} KiB"
+            + (" (exact: no earlier child)" if before_kib == 0 else " (may be an earlier child's)")
+        ),
+        "timeout_s": timeout,
+        "target_s": DEMO_SECONDS_TARGET,
+        "pass": rc == 0 and seconds < DEMO_SECONDS_TARGET,
+        "output_tail": tail,
+    }
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """Versions, threads, CPUs and load: what the numbers depend on."""
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "requested_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu_model": cpu_model,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def print_table(models: list[dict[str, Any]]) -> None:
+    """The readable side-by-side table."""
+    head = f"{'model':<20} {'variant':<14} {'ms/step':>8} {'img/s med':>10} {'img/s mean':>10}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for m in models:
+        for v in VARIANTS:
+            r = m["variants"][v]
+            print(
+                f"{m['settings']['label']:<20} {v:<14} {r['median_s'] * 1e3:8.1f} "
+                f"{r['img_per_s_median']:10.1f} {r['img_per_s_mean']:10.1f}"
+            )
+    print()
+    for m in models:
+        label = m["settings"]["label"]
+        ok = "PASS" if m["speedup_pass"] else "FAIL"
+        print(
+            f"{label:<20} speedup QB-Heat / full image: {m['speedup_median']:.2f}x "
+            f"(mean {m['speedup_mean']:.2f}x)  target >= {SPEEDUP_TARGET}x  {ok}"
+        )
+        ok = "PASS" if m["heat_overhead_pass"] else "FAIL"
+        print(
+            f"{'':<20} heat residual overhead:       {m['heat_overhead_median'] * 100:+.1f}% "
+            f"(mean {m['heat_overhead_mean'] * 100:+.1f}%)  target <= "
+            f"{HEAT_OVERHEAD_TARGET * 100:.0f}%  {ok}"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench_results/speed.json", help="JSON output path")
+    p.add_argument("--batch", type=int, default=32, help="images per step")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--round", type=int, default=5, help="steps per variant per round")
+    p.add_argument("--skip-demo", action="store_true", help="do not run `heatssl demo`")
+    p.add_argument("--demo-timeout", type=float, default=600.0, help="kill the demo after this")
+    args = p.parse_args(argv)
+    if min(args.batch, args.steps, args.threads, args.round) < 1 or args.warmup < 0:
+        p.error("--batch, --steps, --threads and --round must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    print(
+        f"torch {info['torch']}, timm {info['timm']}, {info['torch_threads']} threads, "
+        f"{info['cpu_count']} CPUs ({info['cpu_model']}), load {info['loadavg_start']}"
+    )
+    start = time.perf_counter()
+    models = [bench_model(spec, args) for spec in MODELS]
+    bench_seconds = time.perf_counter() - start
+    info["loadavg_after_models"] = list(os.getloadavg())
+    demo = None if args.skip_demo else run_demo(args.demo_timeout)
+    print_table(models)
+    if demo is not None:
+        ok = "PASS" if demo["pass"] else "FAIL"
+        print(
+            f"demo: {demo['wall_s']:.1f} s (target < {DEMO_SECONDS_TARGET:.0f} s) {ok}, "
+            f"rc {demo['returncode']}, peak RSS {demo['peak_rss_mib']:.0f} MiB"
+        )
+    report = {
+        "machine": info,
+        "args": vars(args),
+        "targets": {
+            "speedup_min": SPEEDUP_TARGET,
+            "heat_overhead_max": HEAT_OVERHEAD_TARGET,
+            "demo_seconds_max": DEMO_SECONDS_TARGET,
+        },
+        "method": (
+            "Interleaved rounds of --round steps per variant in rotating order; warm-up excluded; "
+            "per-step time.perf_counter; ratios and pass/fail from median step times."
+        ),
+        "bench_seconds": bench_seconds,
+        "models": models,
+        "demo": demo,
+        "all_pass": all(m["speedup_pass"] and m["heat_overhead_pass"] for m in models)
+        and (demo is None or demo["pass"]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Tests for heatssl.decoder: output shapes, widths and argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from heatssl.decoder import ConvDecoder
+
+
+def _convs(decoder, kernel):
+    return [m for m in decoder.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == kernel]
+
+
+@pytest.mark.parametrize("reduction", [1, 2, 8, 32])
+@pytest.mark.parametrize("grid", [(2, 3), (3, 2), (1, 1)])
+def test_output_shape(reduction, grid):
+    torch.manual_seed(0)
+    h, w = grid
+    decoder = ConvDecoder(in_dim=6, reduction=reduction, width=16, depth=1, min_width=4)
+    out = decoder(torch.randn(2, 6, h, w))
+    assert out.shape == (2, 3, h * reduction, w * reduction)
+    assert torch.isfinite(out).all()
+    assert decoder.reduction == reduction
+
+
+def test_out_channels_option():
+    decoder = ConvDecoder(in_dim=4, reduction=4, width=8, out_channels=1)
+    assert decoder(torch.randn(2, 4, 2, 3)).shape == (2, 1, 8, 12)
+
+
+@pytest.mark.parametrize("reduction", [0, -2, 3, 6, 12, 24])
+def test_reduction_must_be_power_of_two(reduction):
+    with pytest.raises(ValueError, match="power of two"):
+        ConvDecoder(in_dim=4, reduction=reduction)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_width_depth_and_min_width(depth):
+    decoder = ConvDecoder(in_dim=10, reduction=32, width=64, depth=depth, min_width=16)
+    (proj, to_pixels) = _convs(decoder, (1, 1))
+    assert (proj.in_channels, proj.out_channels) == (10, 64)
+    convs = _convs(decoder, (3, 3))
+    assert len(convs) == depth + 5  # depth blocks at grid resolution + one per upsampling
+    assert [c.out_channels for c in convs[depth:]] == [32, 16, 16, 16, 16]
+    assert all(c.out_channels == 64 for c in convs[:depth])
+    assert (to_pixels.in_channels, to_pixels.out_channels) == (16, 3)
+    ups = [m for m in decoder.modules() if isinstance(m, nn.Upsample)]
+    assert len(ups) == 5
+
+
+def test_gradients_reach_input_and_all_parameters():
+    torch.manual_seed(0)
+    decoder = ConvDecoder(in_dim=4, reduction=4, width=8, depth=1, min_width=4)
+    grid = torch.randn(2, 4, 2, 3, requires_grad=True)
+    decoder(grid).pow(2).mean().backward()
+    assert grid.grad is not None and grid.grad.abs().sum() > 0
+    for name, p in decoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
