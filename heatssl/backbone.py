@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -94,7 +93,11 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.create_kwargs = create_timm_model(
-            name, image_size=image_size, output_stride=output_stride, pretrained=pretrained, **kwargs
+            name,
+            image_size=image_size,
+            output_stride=output_stride,
+            pretrained=pretrained,
+            **kwargs,
         )
         self.name = name
         info = self.model.feature_info
@@ -156,8 +159,10 @@ class Backbone(nn.Module):
                 f"data.image_size={image_size} gives a kept-block grid of {g}x{g} on {where}; "
                 f"the heat residual needs at least 2x2 neighbours."
             )
-        raise ConfigError(f"{problem} Nearest sizes that work: {', '.join(map(str, nearest))}. "
-                          f"Fix: {'; or '.join(fixes)}.")
+        raise ConfigError(
+            f"{problem} Nearest sizes that work: {', '.join(map(str, nearest))}. "
+            f"Fix: {'; or '.join(fixes)}."
+        )
 
 
 def build_backbone(model_cfg: Any, image_size: int) -> Backbone:
@@ -221,8 +226,11 @@ def load_exported_backbone(path: str | Path, image_size: int | None = None) -> B
     kwargs = dict(meta["create_kwargs"])
     output_stride = kwargs.pop("output_stride", None)
     backbone = Backbone(
-        meta["model_name"], stage=meta["stage"], image_size=image_size,
-        output_stride=output_stride, **kwargs,
+        meta["model_name"],
+        stage=meta["stage"],
+        image_size=image_size,
+        output_stride=output_stride,
+        **kwargs,
     )
     state = load_file(str(path))
     own = backbone.model.state_dict()

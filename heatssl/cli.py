@@ -13,7 +13,9 @@ from heatssl.config import Config, ConfigError, load_config
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument(
-        "-c", "--config", default=default,
+        "-c",
+        "--config",
+        default=default,
         help="YAML recipe: a path or a bundled name (demo, imagenette, ...)",
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
@@ -28,15 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="QB-Heat pretraining of a timm backbone")
     _add_config_args(p, default=None)
     p.add_argument(
-        "--resume", nargs="?", const="last", default=None,
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
         help="continue from the run folder's last.ckpt, or from a given .ckpt",
     )
 
     p = sub.add_parser("export", help="export a checkpoint's backbone as timm-loadable safetensors")
     p.add_argument("checkpoint", help="a pretraining .ckpt")
-    p.add_argument("-o", "--out", default=None, help="output file (default: RUN/backbone.safetensors)")
+    p.add_argument(
+        "-o", "--out", default=None, help="output file (default: RUN/backbone.safetensors)"
+    )
 
-    p = sub.add_parser("demo", help="the whole chain on the embedded digits data, on CPU, in minutes")
+    p = sub.add_parser(
+        "demo", help="the whole chain on the embedded digits data, on CPU, in minutes"
+    )
     _add_config_args(p, default="demo")
     return parser
 
@@ -64,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "pretrain":
             result = run.pretrain(cfg, resume=args.resume)
-            print(f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}")
+            print(
+                f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}"
+            )
             return 0
         # demo: pretrain, then export the backbone (probe and heatmaps join as they land).
         result = run.pretrain(cfg)

@@ -31,7 +31,9 @@ class ModelConfig:
 
     backbone: str = "resnet18"
     stage: int = -1  # index into timm's feature_info (negative counts from the end)
-    output_stride: int | None = None  # dilate the last stages (CNNs that support it) for a finer grid
+    output_stride: int | None = (
+        None  # dilate the last stages (CNNs that support it) for a finer grid
+    )
     pretrained: bool = False  # timm's own pretrained weights: needs network access
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
 
@@ -173,7 +175,8 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}={value!r}: expected a list of {len(args)} numbers.")
-        return tuple(_check_type(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_check_type(f"{path}[{i}]", v, a) for i, (v, a) in pairs)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}={value!r}: expected a mapping (key: value).")

@@ -163,7 +163,11 @@ class QBHeat(nn.Module):
         if self.heat_loss is not None and self.heat_weight > 0:
             heat = self.heat_loss(block)
             loss = loss + self.heat_weight * heat
-        if self.heat_loss is not None and self.commute_weight > 0 and self.heat_loss.operators.A.requires_grad:
+        if (
+            self.heat_loss is not None
+            and self.commute_weight > 0
+            and self.heat_loss.operators.A.requires_grad
+        ):
             commute = self.heat_loss.operators.commutator()
             loss = loss + self.commute_weight * commute
         return QBHeatOutput(loss, rec, heat, commute, pred, q)

@@ -30,7 +30,10 @@ def test_grid_shape_and_reduction(name, kwargs, size, grid, dim):
     out = backbone(torch.randn(2, 3, size, size))
     assert out.shape == (2, dim, *grid)
     # the quarter block gives half the grid on each side
-    assert backbone(torch.randn(2, 3, size // 2, size // 2)).shape[-2:] == (grid[0] // 2, grid[1] // 2)
+    assert backbone(torch.randn(2, 3, size // 2, size // 2)).shape[-2:] == (
+        grid[0] // 2,
+        grid[1] // 2,
+    )
     assert backbone.pooled(torch.randn(2, 3, size, size)).shape == (2, dim)
 
 
@@ -67,7 +70,7 @@ def test_block_grid_too_small_names_the_fixes():
 
 
 def test_bad_stage_and_unsupported_argument():
-    with pytest.raises(ConfigError, match="model.stage=7"):
+    with pytest.raises(ConfigError, match=r"model\.stage=7"):
         Backbone("test_resnet", stage=7)
     with pytest.raises(ConfigError, match="output_stride"):
         Backbone("test_vit", image_size=32, output_stride=16)

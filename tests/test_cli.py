@@ -44,7 +44,14 @@ def test_bad_inputs_stop_before_training(tiny_overrides, tmp_path, capsys):
     assert "Did you mean 'max_epochs'" in err
     missing = tmp_path / "nowhere"
     err = _fails(
-        ["pretrain", "-c", "demo", *tiny_overrides, "data.name=imagefolder", f"data.root={missing}"],
+        [
+            "pretrain",
+            "-c",
+            "demo",
+            *tiny_overrides,
+            "data.name=imagefolder",
+            f"data.root={missing}",
+        ],
         capsys,
     )
     assert str(missing) in err

@@ -8,7 +8,9 @@ RECIPES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def test_defaults_and_overrides():
-    cfg = load_config("demo", ["trainer.max_epochs=3", "heat.step=normalized", "optim.base_lr=2e-4"])
+    cfg = load_config(
+        "demo", ["trainer.max_epochs=3", "heat.step=normalized", "optim.base_lr=2e-4"]
+    )
     assert cfg.trainer.max_epochs == 3
     assert cfg.heat.step == "normalized"
     assert cfg.optim.base_lr == pytest.approx(2e-4)
@@ -57,7 +59,7 @@ def test_unknown_recipe_lists_the_bundled_ones():
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("data:\n  image_sise: 64\n")
-    with pytest.raises(ConfigError, match="data.image_sise.*Did you mean 'image_size'"):
+    with pytest.raises(ConfigError, match=r"data\.image_sise.*Did you mean 'image_size'"):
         load_config(path)
 
 

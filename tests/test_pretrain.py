@@ -1,5 +1,6 @@
 """The LightningModule: lr rule, schedule, optimiser groups, logged parts, pictures."""
 
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,7 @@ def test_warmup_then_cosine():
     assert warmup_cosine(55, warmup=10, total=100) == pytest.approx(0.5)
     assert warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
     mids = [warmup_cosine(s, 10, 100) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(mids, mids[1:]))  # never rises after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(mids))  # never rises after warm-up
 
 
 def test_lr_follows_batch_without_trainer(tiny_overrides):
@@ -32,7 +33,9 @@ def test_checkpoint_hparams_are_plain_and_rebuild_the_model(tiny_overrides):
     assert hp["config"] == cfg.to_dict()
     rebuilt = HeatPretrainModule(hp["config"])
     assert rebuilt.qbheat.backbone.name == "test_resnet"
-    assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in module.parameters())
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(
+        p.numel() for p in module.parameters()
+    )
 
 
 def test_reconstruct_returns_pictures_in_unit_range(tiny_overrides):

@@ -48,7 +48,9 @@ def test_export_from_checkpoint_matches_the_trained_backbone(tiny_overrides, tmp
     trained = run.backbone_from_checkpoint(result.last_checkpoint).eval()
     meta = read_export_metadata(out)
     plain = timm.create_model(
-        "test_resnet", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)),
+        "test_resnet",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(out)),
         **meta["create_kwargs"],
     ).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -59,4 +61,6 @@ def test_export_from_checkpoint_matches_the_trained_backbone(tiny_overrides, tmp
     # training changed the weights: a fresh model gives other features
     fresh = timm.create_model("test_resnet", **meta["create_kwargs"]).eval()
     with torch.no_grad():
-        assert not torch.allclose(fresh.forward_intermediates(x, indices=[-1], intermediates_only=True)[0], ref)
+        assert not torch.allclose(
+            fresh.forward_intermediates(x, indices=[-1], intermediates_only=True)[0], ref
+        )
