@@ -6,6 +6,7 @@ A run folder holds ``config.yaml`` (the resolved config: rerun with ``heatssl pr
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
     if kind == "none":
         return False
     if kind == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                "trainer.logger=tensorboard needs the tensorboard package: `pip install tensorboard`, "
+                "or use trainer.logger=csv (the default)."
+            )
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard")
     return CSVLogger(save_dir=str(run_dir), name="", version="")
 
@@ -99,6 +105,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    if not cfg.data.download:
+        datamodule.setup("fit")  # a missing or malformed dataset stops here, before anything runs
     module = HeatPretrainModule(cfg, picture_dir=str(run_dir / "pictures"))
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
