@@ -20,6 +20,7 @@ from heatssl.heat import (
     HeatPredictor,
     MaskTokenPredictor,
     crop_quadrant,
+    quadrant_ids,
     quadrant_mask,
 )
 
@@ -95,6 +96,8 @@ class QBHeat(nn.Module):
         norm_pix: bool = True,
     ) -> None:
         super().__init__()
+        if region not in ("masked", "full"):
+            raise ValueError(f"region={region!r}: allowed 'masked' or 'full'.")
         if quadrant != "random" and quadrant not in QUADRANTS:
             raise ValueError(f"quadrant={quadrant!r}: allowed 'random' or one of {QUADRANTS}.")
         dim = backbone.num_features
@@ -154,7 +157,10 @@ class QBHeat(nn.Module):
     def forward(self, images: Tensor, quadrant: Tensor | None = None) -> QBHeatOutput:
         """Run the objective on a batch of full images (N, 3, H, W)."""
         n, _, h, w = images.shape
-        q = self.sample_quadrants(n, images.device) if quadrant is None else quadrant
+        if quadrant is None:
+            q = self.sample_quadrants(n, images.device)
+        else:
+            q = quadrant_ids(quadrant, n, images.device)
         block = self.backbone(crop_quadrant(images, q))
         pred = self.decoder(self.predictor(block, q))
         weight = quadrant_mask(q, h, w) if self.region == "masked" else None

@@ -90,6 +90,34 @@ MODELS: tuple[ModelSpec, ...] = (
 )
 
 
+class CpuLoad:
+    """CPU time other processes used while we ran: the noise in the numbers (Linux /proc/stat)."""
+
+    def __init__(self) -> None:
+        self.start = self._snap()
+
+    @staticmethod
+    def _snap() -> tuple[int, int, float] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):  # this process + waited kids
+            ru = resource.getrusage(who)
+            own += (ru.ru_utime + ru.ru_stime) * os.sysconf("SC_CLK_TCK")
+        return sum(fields), fields[3] + fields[4], own
+
+    def foreign_fraction(self) -> float | None:
+        """Share of all CPU time since creation that other processes used (0 = quiet machine)."""
+        end = self._snap()
+        if self.start is None or end is None or end[0] == self.start[0]:
+            return None
+        total = end[0] - self.start[0]
+        busy = total - (end[1] - self.start[1])
+        return max(0.0, (busy - (end[2] - self.start[2])) / total)
+
+
 def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (betas and weight decay as the project's defaults)."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -172,7 +200,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
 
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     rounds = -(-args.steps // args.round)
+    foreign: list[float | None] = []
     for r in range(rounds):
+        load = CpuLoad()
         order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate who goes first
         n = min(args.round, args.steps - r * args.round)
         for name in order:
@@ -180,8 +210,10 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 steps[name]()
                 times[name].append(time.perf_counter() - start)
+        foreign.append(load.foreign_fraction())
         done = ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.0f} ms" for v in VARIANTS)
-        print(f"  round {r + 1}/{rounds}: median so far: {done}")
+        other = "n/a" if foreign[-1] is None else f"{foreign[-1]:.0%}"
+        print(f"  round {r + 1}/{rounds}: median so far: {done}; other processes' CPU {other}")
 
     results = {v: summarize(times[v], args.batch) for v in VARIANTS}
     speedup = results["qbheat"]["img_per_s_median"] / results["full_image"]["img_per_s_median"]
@@ -213,6 +245,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
             ),
         },
         "variants": results,
+        "foreign_cpu_fraction_per_round": foreign,
         "step_times_s": times,
         "speedup_median": speedup,
         "speedup_mean": speedup_mean,
@@ -226,6 +259,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
 def run_demo(timeout: float) -> dict[str, Any]:
     """Run ``heatssl demo`` in a subprocess; return wall time, peak RSS and pass/fail."""
     before_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    load = CpuLoad()
     with tempfile.TemporaryDirectory(prefix="heatssl_bench_demo_") as tmp:
         cmd = [sys.executable, "-m", "heatssl.cli", "demo", f"run_dir={Path(tmp) / 'demo'}"]
         print(f"\n[demo] {' '.join(cmd)}  (output captured)")
@@ -253,6 +287,7 @@ def run_demo(timeout: float) -> dict[str, Any]:
             f"value before the demo: {before_kib} KiB"
             + (" (exact: no earlier child)" if before_kib == 0 else " (may be an earlier child's)")
         ),
+        "foreign_cpu_fraction": load.foreign_fraction(),
         "timeout_s": timeout,
         "target_s": DEMO_SECONDS_TARGET,
         "pass": rc == 0 and seconds < DEMO_SECONDS_TARGET,
@@ -311,6 +346,13 @@ def print_table(models: list[dict[str, Any]]) -> None:
             f"(mean {m['heat_overhead_mean'] * 100:+.1f}%)  target <= "
             f"{HEAT_OVERHEAD_TARGET * 100:.0f}%  {ok}"
         )
+        fractions = [f for f in m["foreign_cpu_fraction_per_round"] if f is not None]
+        if fractions:
+            noisy = "  (NOISY: others used the CPU)" if max(fractions) > 0.1 else ""
+            print(
+                f"{'':<20} other processes' CPU share per round: max {max(fractions):.0%}, "
+                f"mean {statistics.fmean(fractions):.0%}{noisy}"
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -349,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = "PASS" if demo["pass"] else "FAIL"
         print(
             f"demo: {demo['wall_s']:.1f} s (target < {DEMO_SECONDS_TARGET:.0f} s) {ok}, "
-            f"rc {demo['returncode']}, peak RSS {demo['peak_rss_mib']:.0f} MiB"
+            f"rc {demo['returncode']}, peak RSS {demo['peak_rss_mib']:.0f} MiB, other processes' "
+            f"CPU share {demo['foreign_cpu_fraction'] or 0:.0%}"
         )
     report = {
         "machine": info,

@@ -94,7 +94,7 @@ def reference_predict(block, quadrants, a, b, step):
 
 def reference_heat_loss(z, a, b, step, eps=1e-8):
     """Scale-free residual loss with explicit loops over samples, cells and channels."""
-    n_batch, d, h, w = z.shape
+    n_batch, _, h, w = z.shape
     a, b = _rows(a), _rows(b)
 
     def sq(v):
@@ -145,7 +145,9 @@ def test_predictor_matches_loop_reference(step, quadrant):
     predictor = _predictor(step, seed=quadrant)
     block = torch.randn(2, 3, 2, 3, dtype=torch.float64)
     out = predictor(block, quadrant)
-    ref = reference_predict(block, [quadrant] * 2, predictor.operators.A, predictor.operators.B, step)
+    ref = reference_predict(
+        block, [quadrant] * 2, predictor.operators.A, predictor.operators.B, step
+    )
     assert out.shape == (2, 3, 4, 6)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
@@ -166,7 +168,9 @@ def test_predictor_accepts_quadrant_names(name):
     block = torch.randn(2, 3, 3, 2, dtype=torch.float64)
     by_name = predictor(block, name)
     qid = QUADRANTS.index(name)
-    ref = reference_predict(block, [qid, qid], predictor.operators.A, predictor.operators.B, "euler")
+    ref = reference_predict(
+        block, [qid, qid], predictor.operators.A, predictor.operators.B, "euler"
+    )
     torch.testing.assert_close(by_name, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(by_name, predictor(block, torch.full((2,), qid)), rtol=0, atol=0)
 
@@ -381,7 +385,14 @@ def test_quadrant_ids_forms():
 
 @pytest.mark.parametrize(
     "quadrant, batch",
-    [("top", 2), ("TOP_LEFT", 2), (4, 2), (-1, 2), (torch.tensor([0, 5]), 2), (torch.tensor([0, 1]), 3)],
+    [
+        ("top", 2),
+        ("TOP_LEFT", 2),
+        (4, 2),
+        (-1, 2),
+        (torch.tensor([0, 5]), 2),
+        (torch.tensor([0, 1]), 3),
+    ],
 )
 def test_quadrant_ids_reject_bad_values(quadrant, batch):
     with pytest.raises(ValueError, match="quadrant"):
