@@ -48,6 +48,7 @@ class HeatConfig:
     quadrant: Literal["random", "top_left", "top_right", "bottom_left", "bottom_right"] = "random"
     heat_weight: float = 0.1
     commute_weight: float = 1e-3
+    commute_probes: int = 16  # random probes estimating ||AB - BA||_F^2 (0: exact, O(d^3))
 
 
 @dataclass
@@ -56,6 +57,7 @@ class DecoderConfig:
 
     width: int = 128
     depth: int = 1  # 3x3 conv blocks at grid resolution before upsampling
+    upsample_blocks: int = 1  # (x2 upsample, 3x3 conv) blocks; a pixel shuffle does the rest
     min_width: int = 16
 
 

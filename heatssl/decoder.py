@@ -1,8 +1,10 @@
 """The light pixel decoder: predicted feature grid (N, d, h, w) -> image (N, 3, h*r, w*r).
 
-A 1x1 projection, ``depth`` 3x3 conv blocks at grid resolution, then one (upsample x2, 3x3 conv) block
-per factor of two of the reduction r, halving the width each time, and a 1x1 conv to pixels. It is
-thrown away after pretraining, so it is kept small: the encoder, not the decoder, should do the work.
+A 1x1 projection, ``depth`` 3x3 conv blocks at grid resolution, ``upsample_blocks`` (upsample x2,
+3x3 conv) blocks that halve the width, then a 1x1 conv to ``3 x s x s`` channels and a pixel shuffle for
+the remaining factor s (MAE's linear patch head when ``upsample_blocks`` is 0). It is thrown away after
+pretraining, so it stays small: convolutions at full pixel resolution would cost more than the
+quarter-size encoder saves.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class ConvDecoder(nn.Module):
         reduction: Pixels per grid cell (a power of two: the backbone stage's reduction).
         width: Channels after the 1x1 projection.
         depth: 3x3 conv blocks at grid resolution before upsampling.
-        min_width: Lower bound on the width while it halves at each upsampling.
+        upsample_blocks: (x2 upsample, 3x3 conv) blocks; capped at log2(reduction).
+        min_width: Lower bound on the width while it halves at each upsampling block.
         out_channels: Image channels.
     """
 
@@ -36,20 +39,26 @@ class ConvDecoder(nn.Module):
         reduction: int,
         width: int = 128,
         depth: int = 1,
+        upsample_blocks: int = 1,
         min_width: int = 16,
         out_channels: int = 3,
     ) -> None:
         super().__init__()
         if reduction < 1 or reduction & (reduction - 1):
             raise ValueError(f"reduction={reduction} must be a power of two (1, 2, 4, 8, ...).")
+        if depth < 0 or upsample_blocks < 0:
+            raise ValueError(f"depth={depth}, upsample_blocks={upsample_blocks} must be >= 0.")
+        factors = int(math.log2(reduction))
+        blocks = min(upsample_blocks, factors)
         layers: list[nn.Module] = [nn.Conv2d(in_dim, width, 1)]
         layers += [_conv_block(width, width) for _ in range(depth)]
         c = width
-        for _ in range(int(math.log2(reduction))):
+        for _ in range(blocks):
             c_next = max(min_width, c // 2)
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_block(c, c_next)]
             c = c_next
-        layers.append(nn.Conv2d(c, out_channels, 1))
+        shuffle = 2 ** (factors - blocks)
+        layers += [nn.Conv2d(c, out_channels * shuffle * shuffle, 1), nn.PixelShuffle(shuffle)]
         self.layers = nn.Sequential(*layers)
         self.reduction = reduction
 

@@ -75,7 +75,9 @@ class QBHeat(nn.Module):
         quadrant: ``random`` (per sample) or a fixed quadrant name.
         heat_weight: Weight of the heat residual loss on the encoder's own block grid.
         commute_weight: Weight of ``||AB - BA||_F^2``.
-        decoder_width, decoder_depth, decoder_min_width: See :class:`ConvDecoder`.
+        commute_probes: Random probes estimating the commutator norm (0: exact).
+        decoder_width, decoder_depth, decoder_upsample_blocks, decoder_min_width: See
+            :class:`ConvDecoder`.
         region: ``masked`` (the three masked quadrants) or ``full`` (whole image) for the pixel loss.
         norm_pix: Score against per-patch standardised pixels (patch = one grid cell).
     """
@@ -89,8 +91,10 @@ class QBHeat(nn.Module):
         quadrant: str = "random",
         heat_weight: float = 0.1,
         commute_weight: float = 1e-3,
+        commute_probes: int = 16,
         decoder_width: int = 128,
         decoder_depth: int = 1,
+        decoder_upsample_blocks: int = 1,
         decoder_min_width: int = 16,
         region: str = "masked",
         norm_pix: bool = True,
@@ -118,8 +122,14 @@ class QBHeat(nn.Module):
             else None
         )
         self.decoder = ConvDecoder(
-            dim, backbone.reduction, decoder_width, decoder_depth, decoder_min_width
+            dim,
+            backbone.reduction,
+            width=decoder_width,
+            depth=decoder_depth,
+            upsample_blocks=decoder_upsample_blocks,
+            min_width=decoder_min_width,
         )
+        self.commute_probes = commute_probes
         self.quadrant, self.heat_weight, self.commute_weight = quadrant, heat_weight, commute_weight
         self.region, self.norm_pix = region, norm_pix
 
@@ -135,8 +145,10 @@ class QBHeat(nn.Module):
             quadrant=h.quadrant,
             heat_weight=h.heat_weight,
             commute_weight=h.commute_weight,
+            commute_probes=h.commute_probes,
             decoder_width=d.width,
             decoder_depth=d.depth,
+            decoder_upsample_blocks=d.upsample_blocks,
             decoder_min_width=d.min_width,
             region=lo.region,
             norm_pix=lo.norm_pix,
@@ -174,6 +186,6 @@ class QBHeat(nn.Module):
             and self.commute_weight > 0
             and self.heat_loss.operators.A.requires_grad
         ):
-            commute = self.heat_loss.operators.commutator()
+            commute = self.heat_loss.operators.commutator(self.commute_probes)
             loss = loss + self.commute_weight * commute
         return QBHeatOutput(loss, rec, heat, commute, pred, q)

@@ -1,7 +1,8 @@
 """CPU speed benchmark: one QB-Heat training step vs one full-image forward+backward, side by side.
 
 What it measures, per model (resnet18 at 64 px with ``output_stride=16``; vit_tiny with patch 8 at
-64 px), in one process and at the same batch and image size:
+64 px; and, for context, resnet18 at 128 px where no dilation is needed), in one process and at the
+same batch and image size:
 
 * ``qbheat``: a real QB-Heat training step (``QBHeat`` default arguments, ``heat_weight=0.1``):
   forward on the full images (the encoder sees one quarter block), ``loss.backward()``, AdamW
@@ -20,14 +21,14 @@ with ``time.perf_counter`` and both the median-step and the mean img/s are repor
 pass/fail use the median step time.
 
 Finally it runs ``heatssl demo`` in a subprocess (in a temporary run folder) and records its wall
-time (target: under 3 minutes) and its peak resident memory
-(``getrusage(RUSAGE_CHILDREN).ru_maxrss``).
+time (target: under 3 minutes) and its peak resident memory (``ru_maxrss`` of the demo process, from
+``os.wait4``).
 
 Usage::
 
-    python scripts/bench_speed.py            # defaults: batch 32, 20 timed steps, 2 threads
-    python scripts/bench_speed.py --out bench_results/speed.json --batch 32 --steps 20 \\
-        --warmup 3 --threads 2 [--round 5] [--skip-demo]
+    python scripts/bench_speed.py            # defaults: batch 32, 60 timed steps, 2 threads
+    python scripts/bench_speed.py --out bench_results/speed.json --batch 32 --steps 60 \\
+        --warmup 3 --threads 2 [--round 3] [--skip-demo] [--unfused-adamw]
 
 It prints a table and writes the JSON (machine info, settings, per-step times, img/s, ratios,
 pass/fail) to ``--out``.
@@ -67,6 +68,7 @@ VARIANTS = ("qbheat", "qbheat_noheat", "full_image")
 class ModelSpec:
     """One backbone setting to benchmark."""
 
+    key: str
     label: str
     name: str
     image_size: int
@@ -85,8 +87,12 @@ class ModelSpec:
 
 MODELS: tuple[ModelSpec, ...] = (
     # At the default stride 32 a 64 px image gives a 32 px block -> 1x1 grid, which QB-Heat refuses.
-    ModelSpec("resnet18@64 (os16)", "resnet18", 64, output_stride=16),
-    ModelSpec("vit_tiny/8@64", "vit_tiny_patch16_224", 64, timm_kwargs={"patch_size": 8}),
+    ModelSpec("resnet18", "resnet18@64 (os16)", "resnet18", 64, output_stride=16),
+    ModelSpec(
+        "vit_tiny", "vit_tiny/8@64", "vit_tiny_patch16_224", 64, timm_kwargs={"patch_size": 8}
+    ),
+    # Context: the same CNN where no dilation is needed (128 px -> 64 px block -> 2x2 at stride 32).
+    ModelSpec("resnet18_128", "resnet18@128 (os32)", "resnet18", 128),
 )
 
 
@@ -118,15 +124,20 @@ class CpuLoad:
         return max(0.0, (busy - (end[2] - self.start[2])) / total)
 
 
-def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (betas and weight decay as the project's defaults)."""
+def make_optimizer(module: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (betas and weight decay as the project's defaults).
+
+    ``fused=True`` is what :mod:`heatssl.pretrain` builds (``--unfused-adamw``: torch's default).
+    """
     params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    return torch.optim.AdamW(
+        params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True if fused else None
+    )
 
 
-def qbheat_step_fn(model: QBHeat, images: Tensor) -> Callable[[], float]:
+def qbheat_step_fn(model: QBHeat, images: Tensor, fused: bool) -> Callable[[], float]:
     """One QB-Heat training step: forward, backward, AdamW step, zero_grad; returns the loss."""
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, fused)
 
     def step() -> float:
         out = model(images)
@@ -138,9 +149,9 @@ def qbheat_step_fn(model: QBHeat, images: Tensor) -> Callable[[], float]:
     return step
 
 
-def full_image_step_fn(backbone: Backbone, images: Tensor) -> Callable[[], float]:
+def full_image_step_fn(backbone: Backbone, images: Tensor, fused: bool) -> Callable[[], float]:
     """One full-image step: backbone forward to the grid, trivial loss, backward, AdamW step."""
-    optimizer = make_optimizer(backbone)
+    optimizer = make_optimizer(backbone, fused)
 
     def step() -> float:
         grid = backbone(images)
@@ -182,9 +193,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     qb_noheat = QBHeat(backbones["qbheat_noheat"], heat_weight=0.0).train()
     full = backbones["full_image"].train()
     steps: dict[str, Callable[[], float]] = {
-        "qbheat": qbheat_step_fn(qb_heat, images),
-        "qbheat_noheat": qbheat_step_fn(qb_noheat, images),
-        "full_image": full_image_step_fn(full, images),
+        "qbheat": qbheat_step_fn(qb_heat, images, args.fused_adamw),
+        "qbheat_noheat": qbheat_step_fn(qb_noheat, images, args.fused_adamw),
+        "full_image": full_image_step_fn(full, images, args.fused_adamw),
     }
     with torch.no_grad():
         half = spec.image_size // 2
@@ -228,6 +239,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
             "image_size": spec.image_size,
             "output_stride": spec.output_stride,
             "batch": args.batch,
+            "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05"
+            + (", fused=True)" if args.fused_adamw else ") torch default implementation"),
             "reduction": backbones["full_image"].reduction,
             "block_grid": list(block_grid),
             "full_grid": list(full_grid),
@@ -256,9 +269,30 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any, bool]:
+    """Reap ``proc`` with ``os.wait4`` (its own rusage); kill it after ``timeout`` seconds.
+
+    ``getrusage(RUSAGE_CHILDREN)`` would mix in earlier children (importing torch already starts
+    one of ~450 MiB), so the peak RSS is read from this child's own ``wait4`` rusage.
+    """
+    deadline = time.perf_counter() + timeout
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            timed_out = True
+            break
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage, timed_out
+
+
 def run_demo(timeout: float) -> dict[str, Any]:
     """Run ``heatssl demo`` in a subprocess; return wall time, peak RSS and pass/fail."""
-    before_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     load = CpuLoad()
     with tempfile.TemporaryDirectory(prefix="heatssl_bench_demo_") as tmp:
         cmd = [sys.executable, "-m", "heatssl.cli", "demo", f"run_dir={Path(tmp) / 'demo'}"]
@@ -267,30 +301,26 @@ def run_demo(timeout: float) -> dict[str, Any]:
         start = time.perf_counter()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
+            rc, usage, timed_out = wait_with_rusage(proc, timeout)
         seconds = time.perf_counter() - start
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
     if rc != 0:
         print("[demo] FAILED, last lines:\n  " + "\n  ".join(tail))
     return {
         "command": cmd,
         "returncode": rc,
+        "timed_out": timed_out,
         "wall_s": seconds,
-        "peak_rss_mib": peak_kib / 1024.0,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": usage.ru_maxrss / 1024.0,
         "peak_rss_note": (
-            "getrusage(RUSAGE_CHILDREN).ru_maxrss after wait (largest waited child, KiB on Linux); "
-            f"value before the demo: {before_kib} KiB"
-            + (" (exact: no earlier child)" if before_kib == 0 else " (may be an earlier child's)")
+            "ru_maxrss (KiB on Linux) of the demo process from os.wait4: the demo's own peak "
+            "resident set (or its largest waited child's, if larger)"
         ),
         "foreign_cpu_fraction": load.foreign_fraction(),
         "timeout_s": timeout,
         "target_s": DEMO_SECONDS_TARGET,
-        "pass": rc == 0 and seconds < DEMO_SECONDS_TARGET,
+        "pass": rc == 0 and not timed_out and seconds < DEMO_SECONDS_TARGET,
         "output_tail": tail,
     }
 
@@ -360,10 +390,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_results/speed.json", help="JSON output path")
     p.add_argument("--batch", type=int, default=32, help="images per step")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--round", type=int, default=5, help="steps per variant per round")
+    p.add_argument("--round", type=int, default=3, help="steps per variant per round")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=[m.key for m in MODELS],
+        default=[m.key for m in MODELS],
+        help="which models to time",
+    )
+    p.add_argument(
+        "--unfused-adamw",
+        dest="fused_adamw",
+        action="store_false",
+        help="torch's default AdamW instead of fused=True (heatssl.pretrain uses fused)",
+    )
     p.add_argument("--skip-demo", action="store_true", help="do not run `heatssl demo`")
     p.add_argument("--demo-timeout", type=float, default=600.0, help="kill the demo after this")
     args = p.parse_args(argv)
@@ -382,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['cpu_count']} CPUs ({info['cpu_model']}), load {info['loadavg_start']}"
     )
     start = time.perf_counter()
-    models = [bench_model(spec, args) for spec in MODELS]
+    models = [bench_model(spec, args) for spec in MODELS if spec.key in args.models]
     bench_seconds = time.perf_counter() - start
     info["loadavg_after_models"] = list(os.getloadavg())
     demo = None if args.skip_demo else run_demo(args.demo_timeout)

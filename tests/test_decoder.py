@@ -37,17 +37,29 @@ def test_reduction_must_be_power_of_two(reduction):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
-def test_width_depth_and_min_width(depth):
-    decoder = ConvDecoder(in_dim=10, reduction=32, width=64, depth=depth, min_width=16)
+@pytest.mark.parametrize("blocks", [0, 1, 3, 9])
+def test_width_depth_upsampling_and_min_width(depth, blocks):
+    decoder = ConvDecoder(
+        in_dim=10, reduction=32, width=64, depth=depth, upsample_blocks=blocks, min_width=16
+    )
     (proj, to_pixels) = _convs(decoder, (1, 1))
     assert (proj.in_channels, proj.out_channels) == (10, 64)
     convs = _convs(decoder, (3, 3))
-    assert len(convs) == depth + 5  # depth blocks at grid resolution + one per upsampling
-    assert [c.out_channels for c in convs[depth:]] == [32, 16, 16, 16, 16]
+    used = min(blocks, 5)  # log2(32) factors of two at most
+    assert len(convs) == depth + used  # depth blocks at grid resolution + one per upsampling
+    assert [c.out_channels for c in convs[depth:]] == [32, 16, 16, 16, 16][:used]
     assert all(c.out_channels == 64 for c in convs[:depth])
-    assert (to_pixels.in_channels, to_pixels.out_channels) == (16, 3)
+    width = [64, 32, 16, 16, 16, 16][used]
+    shuffle = 2 ** (5 - used)  # the pixel shuffle does the factors the blocks did not
+    assert (to_pixels.in_channels, to_pixels.out_channels) == (width, 3 * shuffle * shuffle)
     ups = [m for m in decoder.modules() if isinstance(m, nn.Upsample)]
-    assert len(ups) == 5
+    assert len(ups) == used
+    assert decoder(torch.randn(2, 10, 1, 2)).shape == (2, 3, 32, 64)
+
+
+def test_negative_sizes_are_refused():
+    with pytest.raises(ValueError, match=">= 0"):
+        ConvDecoder(in_dim=4, reduction=4, upsample_blocks=-1)
 
 
 def test_gradients_reach_input_and_all_parameters():

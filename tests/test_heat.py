@@ -264,6 +264,23 @@ def test_commutator_penalty_by_hand():
     assert HeatPredictor(3).commutator().item() == 0.0
 
 
+def test_commutator_probe_estimate_is_unbiased():
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 64) / 8, torch.randn(64, 64) / 8
+    exact = commutator_penalty(a, b).item()
+    estimates = torch.stack([commutator_penalty(a, b, probes=16) for _ in range(400)])
+    assert estimates.mean().item() == pytest.approx(exact, rel=0.05)
+    assert estimates.std().item() > 0  # it is an estimate, not the exact value again
+    c, d = _commuting_pair(5)
+    assert commutator_penalty(c, d, probes=8).item() < 1e-20
+
+
+def test_commutator_probe_estimate_has_gradients():
+    ops = HeatOperators(16, init="random")
+    ops.commutator(probes=4).backward()
+    assert ops.A.grad.abs().sum() > 0 and ops.B.grad.abs().sum() > 0
+
+
 def test_commutator_penalty_zero_for_commuting():
     a, b = _commuting_pair(5)
     assert commutator_penalty(a, b).item() < 1e-20

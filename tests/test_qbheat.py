@@ -15,7 +15,7 @@ from heatssl.qbheat import QBHeat, QBHeatOutput, patch_normalize, reconstruction
 RESNET = (dict(name="test_resnet", image_size=128), 128)  # reduction 32: 64 px block -> 2 x 2
 RESNET_OS16 = (dict(name="test_resnet", image_size=64, output_stride=16), 64)  # 32 px -> 2 x 2
 VIT = (dict(name="test_vit", image_size=32, patch_size=4), 32)  # 16 px block -> 4 x 4
-SMALL = dict(decoder_width=16, decoder_min_width=8)
+SMALL = dict(decoder_width=16, decoder_min_width=8, commute_probes=0)  # exact commutator
 
 
 def _model(spec=RESNET_OS16, seed=0, **kwargs):
@@ -272,9 +272,9 @@ def test_few_adam_steps_lower_the_loss(spec):
     model = _model(spec, init="random")
     images = _images(6, spec[1])
     q = torch.tensor([0, 1, 2, 3, 0, 1])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(20):
+    for _ in range(25):
         out = model(images, q)
         opt.zero_grad()
         out.loss.backward()
