@@ -127,23 +127,28 @@ def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
     )
 
 
-def load_checkpoint_config(path: str | Path) -> Config:
-    """The run config stored inside a pretraining checkpoint."""
+def _read_checkpoint(path: str | Path) -> tuple[Config, dict]:
+    """The run config and the state dict of a pretraining checkpoint (loaded safely, weights only)."""
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     try:
-        return load_config(ckpt["hyper_parameters"]["config"])
+        return load_config(ckpt["hyper_parameters"]["config"]), ckpt["state_dict"]
     except KeyError as err:
         raise ConfigError(
             f"{path} is not a heatssl pretraining checkpoint (no hyper_parameters.config)."
         ) from err
 
 
+def load_checkpoint_config(path: str | Path) -> Config:
+    """The run config stored inside a pretraining checkpoint."""
+    return _read_checkpoint(path)[0]
+
+
 def backbone_from_checkpoint(path: str | Path) -> Backbone:
-    """The pretrained backbone of a pretraining checkpoint (loaded safely, weights only)."""
-    cfg = load_checkpoint_config(path)
+    """The pretrained backbone of a pretraining checkpoint."""
+    cfg, state = _read_checkpoint(path)
+    cfg.model.pretrained = False  # the weights come from the checkpoint, never from a download
     module = HeatPretrainModule(cfg)
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(state)
     return module.backbone
 
 

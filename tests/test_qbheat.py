@@ -243,7 +243,7 @@ def test_bad_region_raises():
 
 def test_bad_quadrant_tensor_raises():
     model = _model()
-    with pytest.raises(ValueError, match="ids 0..3"):
+    with pytest.raises(ValueError, match=r"ids 0\.\.3"):
         model(torch.randn(2, 3, 64, 64), quadrant=torch.tensor([0, 4]))
 
 
