@@ -73,6 +73,7 @@ class Backbone(nn.Module):
         name: Any timm model name (``resnet18``, ``vit_tiny_patch16_224``, ...).
         stage: Index into ``model.feature_info`` (negative counts from the end); -1 = last stage.
         image_size: Full image size; checked to split into quarter blocks with a >= 2 x 2 grid.
+        check_size: False skips that check (evaluation sees whole images, not quarter blocks).
         output_stride: Dilate CNN stages for a finer grid (8, 16 or 32).
         pretrained: Start from timm's pretrained weights (needs network access).
         **kwargs: More ``timm.create_model`` arguments (e.g. ``patch_size=8``).
@@ -89,6 +90,7 @@ class Backbone(nn.Module):
         image_size: int | None = None,
         output_stride: int | None = None,
         pretrained: bool = False,
+        check_size: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -113,7 +115,7 @@ class Backbone(nn.Module):
         self.num_features = int(info[self.stage]["num_chs"])
         self.reduction = int(info[self.stage]["reduction"])
         self.reductions = [int(f["reduction"]) for f in info]
-        if image_size is not None:
+        if image_size is not None and check_size:
             self.check_image_size(image_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -165,7 +167,7 @@ class Backbone(nn.Module):
         )
 
 
-def build_backbone(model_cfg: Any, image_size: int) -> Backbone:
+def build_backbone(model_cfg: Any, image_size: int, check_size: bool = True) -> Backbone:
     """Build the :class:`Backbone` a :class:`heatssl.config.ModelConfig` describes."""
     return Backbone(
         model_cfg.backbone,
@@ -173,6 +175,7 @@ def build_backbone(model_cfg: Any, image_size: int) -> Backbone:
         image_size=image_size,
         output_stride=model_cfg.output_stride,
         pretrained=model_cfg.pretrained,
+        check_size=check_size,
         **model_cfg.kwargs,
     )
 
@@ -220,7 +223,9 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     }
 
 
-def load_exported_backbone(path: str | Path, image_size: int | None = None) -> Backbone:
+def load_exported_backbone(
+    path: str | Path, image_size: int | None = None, check_size: bool = True
+) -> Backbone:
     """Rebuild a :class:`Backbone` from an exported safetensors file."""
     meta = read_export_metadata(path)
     kwargs = dict(meta["create_kwargs"])
@@ -230,6 +235,7 @@ def load_exported_backbone(path: str | Path, image_size: int | None = None) -> B
         stage=meta["stage"],
         image_size=image_size,
         output_stride=output_stride,
+        check_size=check_size,
         **kwargs,
     )
     state = load_file(str(path))

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from heatssl import run
+from heatssl import evaluate, run
 from heatssl.config import Config, ConfigError, load_config
 
 
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--out", default=None, help="output file (default: RUN/backbone.safetensors)"
     )
 
+    p = sub.add_parser("probe", help="linear / tran-1 / kNN probes of a frozen backbone")
+    p.add_argument("source", help="a pretraining .ckpt, an exported .safetensors, or a timm name")
+    _add_config_args(p, default=None)
+    p.add_argument("-o", "--out", default=None, help="output folder (default: RUN/probe)")
+
     p = sub.add_parser(
         "demo", help="the whole chain on the embedded digits data, on CPU, in minutes"
     )
@@ -60,6 +65,46 @@ def _print_config(cfg: Config) -> None:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
 
+def _probe(args: argparse.Namespace) -> int:
+    cfg = evaluate.probe_config(args.source, args.config, args.overrides)
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    named = any(o.startswith("model.backbone=") for o in args.overrides)
+    result = evaluate.probe(args.source, cfg, args.out, named=named)
+    print((result.out_dir / "metrics.md").read_text())
+    print(f"heatssl: probe heads, metrics.json and metrics.md in {result.out_dir}")
+    return 0
+
+
+def _demo(cfg: Config) -> int:
+    """Pretrain on the embedded data, export, and probe the backbone against random init."""
+    result = run.pretrain(cfg)
+    exported = run.export(result.last_checkpoint)
+    ckpt = str(result.last_checkpoint)
+    trained = evaluate.probe(ckpt, cfg, result.run_dir / "probe", title="QB-Heat pretrained")
+    random = evaluate.probe(
+        cfg.model.backbone,
+        load_config(cfg.to_dict()),
+        result.run_dir / "probe_random",
+        title="random init",
+    )
+    kinds = cfg.probe.kinds
+    lines = ["| backbone | " + " | ".join(f"{k} top-1" for k in kinds) + " |"]
+    lines.append("|---" * (len(kinds) + 1) + "|")
+    for name, res in (("QB-Heat", trained), ("random init", random)):
+        accs = " | ".join(f"{res.metrics['probes'][k]['top1']:.1f}" for k in kinds)
+        lines.append(f"| {name} | {accs} |")
+    table = "\n".join(lines)
+    print(
+        f"\nheatssl demo: pretrained {cfg.model.backbone} for {result.global_step} steps in "
+        f"{result.seconds:.0f} s, then probed it on {cfg.data.name} (val split):\n\n{table}\n\n"
+        f"  run folder:  {result.run_dir}\n  pictures:    {result.run_dir / 'pictures'}\n"
+        f"  backbone:    {exported}\n  probes:      {trained.out_dir}, {random.out_dir}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``heatssl`` command."""
     args = build_parser().parse_args(argv)
@@ -67,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             print(f"heatssl: backbone written to {run.export(args.checkpoint, args.out)}")
             return 0
+        if args.command == "probe":
+            return _probe(args)
         cfg = _config(args)
         if args.print_config:
             _print_config(cfg)
@@ -77,15 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}"
             )
             return 0
-        # demo: pretrain, then export the backbone (probe and heatmaps join as they land).
-        result = run.pretrain(cfg)
-        exported = run.export(result.last_checkpoint)
-        print(
-            f"heatssl demo: pretrained {cfg.model.backbone} for {result.global_step} steps in "
-            f"{result.seconds:.0f} s.\n  run folder:  {result.run_dir}\n"
-            f"  pictures:    {result.run_dir / 'pictures'}\n  backbone:    {exported}"
-        )
-        return 0
+        return _demo(cfg)
     except ConfigError as err:
         print(f"heatssl: error: {err}", file=sys.stderr)
         return 2

@@ -117,6 +117,27 @@ class TrainerConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Frozen-backbone evaluation (METHOD.md section 4): which probes and how they train."""
+
+    kinds: list[Literal["linear", "tran1", "knn"]] = field(
+        default_factory=lambda: ["linear", "tran1", "knn"]
+    )
+    out_dir: str | None = None  # default: <run_dir>/probe
+    epochs: int = 100  # linear probe
+    batch_size: int = 256
+    optimizer: Literal["sgd", "lars"] = "sgd"
+    base_lr: float = 0.1  # lr = base_lr x batch / 256 (MAE's rule)
+    weight_decay: float = 0.0
+    warmup_epochs: int = 5
+    tran1_epochs: int = 30
+    tran1_base_lr: float = 5e-4  # AdamW
+    tran1_heads: int = 0  # 0: d / 64 (at least 1)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
 class Config:
     """Everything one pretraining run needs."""
 
@@ -129,6 +150,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML- and checkpoint-safe: only builtins)."""
@@ -174,6 +196,10 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(
             f"{path}={value!r} is not allowed. Allowed values: {', '.join(map(repr, args))}."
         )
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r}: expected a list, e.g. [a, b].")
+        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}={value!r}: expected a list of {len(args)} numbers.")
@@ -300,6 +326,9 @@ def validate(cfg: Config) -> None:
             "data.name=imagefolder needs data.root: a folder with train/<class>/*.jpg "
             "(and optionally val/<class>/*.jpg). Set data.root=/path/to/dataset."
         )
+    for key in ("epochs", "batch_size", "tran1_epochs", "knn_k"):
+        if getattr(cfg.probe, key) <= 0:
+            raise ConfigError(f"probe.{key}={getattr(cfg.probe, key)} must be positive.")
     if cfg.optim.base_lr <= 0:
         raise ConfigError(f"optim.base_lr={cfg.optim.base_lr} must be positive (e.g. 1.5e-4).")
     for key in ("heat_weight", "commute_weight"):

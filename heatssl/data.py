@@ -10,6 +10,7 @@ files or network.
 from __future__ import annotations
 
 import colorsys
+import copy
 import random
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,28 @@ class HeatDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """In order, with the deterministic eval transform."""
         return self._loader(self.val_dataset, train=False)
+
+    def feature_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Every image of ``split`` ("train" or "val") in order with the eval transform, for probes.
+
+        The training images are read without augmentation so that cached features are the ones the
+        frozen backbone gives a plain image.
+        """
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: allowed 'train', 'val'.")
+        dataset = self.val_dataset
+        if split == "train":
+            dataset = copy.copy(self.train_dataset)  # same samples, own transform attribute
+            dataset.transform = build_transform(self.cfg.image_size, train=False)
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.cfg.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
 
 
 def _seed_worker(worker_id: int) -> None:

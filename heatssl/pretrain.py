@@ -6,7 +6,6 @@ are the resolved run config as a plain dict, so a checkpoint alone rebuilds the 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,9 @@ from heatssl.data import denormalize
 from heatssl.figures import figure_to_tensor, reconstruction_figure, save_figure
 from heatssl.heat import quadrant_mask
 from heatssl.qbheat import QBHeat, patch_normalize
+from heatssl.schedule import scaled_lr, warmup_cosine
 
 PICTURE_IMAGES = 8
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _can_fuse(params: Any) -> bool:
@@ -67,7 +59,7 @@ class HeatPretrainModule(L.LightningModule):
 
     def learning_rate(self) -> float:
         """The peak lr: base_lr x effective batch / 256 (MAE's scaling rule)."""
-        return self.cfg.optim.base_lr * self.effective_batch_size() / 256
+        return scaled_lr(self.cfg.optim.base_lr, self.effective_batch_size())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]

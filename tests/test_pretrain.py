@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from heatssl.config import load_config
-from heatssl.pretrain import HeatPretrainModule, warmup_cosine
+from heatssl.pretrain import HeatPretrainModule
+from heatssl.schedule import warmup_cosine
 
 
 def test_warmup_then_cosine():

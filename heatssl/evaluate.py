@@ -1,0 +1,133 @@
+"""Probe runs: resolve a backbone (checkpoint, exported file or bare timm name), cache its features
+once, train the probes, and write heads, metrics JSON and a markdown table into an output folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heatssl.backbone import Backbone, build_backbone, load_exported_backbone, read_export_metadata
+from heatssl.config import Config, ConfigError, load_config, save_config
+from heatssl.data import build_datamodule
+from heatssl.features import FeatureCache, build_cache
+from heatssl.probe import metrics_markdown, run_probes, save_head
+from heatssl.run import backbone_from_checkpoint, load_checkpoint_config
+
+
+@dataclass
+class ProbeResult:
+    """Where a probe run wrote its files, and its metrics."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    cache: FeatureCache
+
+
+def source_kind(source: str) -> str:
+    """``checkpoint`` (.ckpt), ``export`` (.safetensors) or ``timm`` (a model name)."""
+    suffix = Path(source).suffix
+    if suffix in (".ckpt", ".safetensors"):
+        if not Path(source).is_file():
+            raise ConfigError(f"Backbone file {source} does not exist.")
+        return "checkpoint" if suffix == ".ckpt" else "export"
+    return "timm"
+
+
+def probe_config(source: str, config: str | None, overrides: list[str] | None) -> Config:
+    """The config of a probe run: ``config`` if given, else the checkpoint's own, else defaults."""
+    if config is not None:
+        cfg_source: Any = config
+    elif source_kind(source) == "checkpoint":
+        cfg_source = load_checkpoint_config(source).to_dict()
+    else:
+        cfg_source = None
+    cfg = load_config(cfg_source, overrides)
+    return cfg
+
+
+def _check_named_model(cfg: Config, found: str, source: str, named: bool) -> None:
+    if named and cfg.model.backbone != found:
+        raise ConfigError(
+            f"{source} holds a {found!r} backbone but the config names model.backbone="
+            f"{cfg.model.backbone!r}. Drop the model.backbone setting or use a matching file."
+        )
+
+
+def resolve_backbone(source: str, cfg: Config, named: bool = False) -> Backbone:
+    """The frozen backbone to probe: trained weights from a file, or a random-init timm model.
+
+    ``named`` says the user named ``model.backbone`` explicitly: it must then match the file.
+    """
+    kind = source_kind(source)
+    size = cfg.data.image_size
+    if kind == "checkpoint":
+        _check_named_model(cfg, load_checkpoint_config(source).model.backbone, source, named)
+        return backbone_from_checkpoint(source)
+    if kind == "export":
+        _check_named_model(cfg, read_export_metadata(source)["model_name"], source, named)
+        return load_exported_backbone(source, image_size=size, check_size=False)
+    cfg.model.backbone = source
+    cfg.model.pretrained = False  # the baseline is random initialisation
+    return build_backbone(cfg.model, size, check_size=False)
+
+
+def default_out_dir(source: str, cfg: Config) -> Path:
+    """``probe.out_dir``, else <run folder>/probe for a checkpoint, else runs/probe_<name>."""
+    if cfg.probe.out_dir:
+        return Path(cfg.probe.out_dir)
+    if source_kind(source) == "checkpoint":
+        return Path(source).resolve().parent.parent / "probe"
+    return Path("runs") / f"probe_{Path(source).stem}"
+
+
+def probe(
+    source: str,
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    named: bool = False,
+    title: str | None = None,
+) -> ProbeResult:
+    """Probe the backbone ``source`` on ``cfg.data`` with ``cfg.probe``; write the output folder."""
+    out = Path(out_dir) if out_dir is not None else default_out_dir(source, cfg)
+    torch.manual_seed(cfg.seed)
+    backbone = resolve_backbone(source, cfg, named=named)
+    data = build_datamodule(cfg.data, seed=cfg.seed)
+    batch = max(cfg.data.batch_size, 128)
+    cache = build_cache(
+        backbone,
+        data.feature_dataloader("train", batch),
+        data.feature_dataloader("val", batch),
+        data.class_names,
+    )
+    metrics, heads = run_probes(cache, cfg.probe)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    for kind, head in heads.items():
+        save_head(
+            head,
+            out / f"{kind}_head.safetensors",
+            cache.class_names,
+            backbone=backbone.name,
+            source=str(source),
+            stage=backbone.stage,
+        )
+    report = {
+        "source": str(source),
+        "backbone": backbone.name,
+        "dataset": cfg.data.name,
+        "image_size": cfg.data.image_size,
+        "train_images": len(cache.train),
+        "val_images": len(cache.val),
+        "feature_grid": list(cache.train.grids.shape[1:]),
+        "extract_seconds": cache.seconds,
+        "probes": metrics,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    table = metrics_markdown(metrics, title or f"{backbone.name} ({source}) on {cfg.data.name}")
+    (out / "metrics.md").write_text(table)
+    return ProbeResult(out, report, cache)
