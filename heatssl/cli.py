@@ -107,7 +107,17 @@ def _demo(cfg: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``heatssl`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand anywhere, also after options (argparse stops at the first option)
+    if (
+        extra
+        and hasattr(args, "overrides")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "export":
             print(f"heatssl: backbone written to {run.export(args.checkpoint, args.out)}")

@@ -15,11 +15,15 @@ def test_pretrain_then_export(tiny_overrides, tmp_path, capsys):
 
 
 def test_demo_runs_the_chain(tiny_overrides, tmp_path, capsys):
-    assert main(["demo", *tiny_overrides]) == 0
+    assert main(["demo", *tiny_overrides, "probe.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "heatssl demo" in out
-    assert (tmp_path / "run" / "backbone.safetensors").is_file()
-    assert list((tmp_path / "run" / "pictures").glob("*.png"))
+    assert "| QB-Heat |" in out and "| random init |" in out
+    run_dir = tmp_path / "run"
+    assert (run_dir / "backbone.safetensors").is_file()
+    assert list((run_dir / "pictures").glob("*.png"))
+    assert (run_dir / "probe" / "linear_head.safetensors").is_file()
+    assert (run_dir / "probe_random" / "metrics.json").is_file()
 
 
 def test_print_config_shows_the_resolved_values(capsys):

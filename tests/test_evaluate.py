@@ -1,0 +1,72 @@
+"""Probe runs end to end: timm names, checkpoints and exported files; their outputs and errors."""
+
+import json
+
+import pytest
+
+from heatssl import evaluate, run
+from heatssl.cli import main
+from heatssl.config import ConfigError, load_config
+from heatssl.probe import load_head
+
+FAST_PROBE = ["probe.epochs=5", "probe.tran1_epochs=2", "probe.batch_size=16"]
+
+
+@pytest.fixture
+def probe_overrides(tiny_overrides):
+    return [*tiny_overrides, *FAST_PROBE]
+
+
+def test_random_init_baseline_writes_everything(probe_overrides, tmp_path):
+    cfg = load_config("demo", [*probe_overrides, "probe.kinds=[linear, tran1, knn]"])
+    result = evaluate.probe("test_resnet", cfg, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["backbone"] == "test_resnet" and report["dataset"] == "synthetic"
+    assert list(report["probes"]) == ["linear", "tran1", "knn"]
+    for metrics in report["probes"].values():
+        assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 100.0
+    assert report["train_images"] + report["val_images"] == 40
+    assert "| linear |" in (tmp_path / "out" / "metrics.md").read_text()
+    head, info = load_head(tmp_path / "out" / "linear_head.safetensors")
+    assert info["num_classes"] == 10 and info["backbone"] == "test_resnet"
+    assert (tmp_path / "out" / "tran1_head.safetensors").is_file()
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert result.cache.train.grids.shape[1] == head.fc.in_features
+
+
+def test_checkpoint_source_uses_its_own_config(probe_overrides):
+    pretrained = run.pretrain(load_config("demo", probe_overrides))
+    ckpt = str(pretrained.last_checkpoint)
+    cfg = evaluate.probe_config(ckpt, None, ["probe.kinds=[knn]"])
+    assert cfg.data.name == "synthetic" and cfg.model.backbone == "test_resnet"
+    result = evaluate.probe(ckpt, cfg)
+    assert result.out_dir == pretrained.run_dir.resolve() / "probe"
+    assert "knn" in result.metrics["probes"]
+
+
+def test_exported_source_and_model_mismatch(probe_overrides, tmp_path):
+    pretrained = run.pretrain(load_config("demo", probe_overrides))
+    exported = str(run.export(pretrained.last_checkpoint, tmp_path / "b.safetensors"))
+    cfg = load_config("demo", [*probe_overrides, "probe.kinds=[linear]"])
+    result = evaluate.probe(exported, cfg, tmp_path / "probe_export")
+    assert result.metrics["backbone"] == "test_resnet"
+    named = load_config("demo", [*probe_overrides, "model.backbone=resnet18"])
+    with pytest.raises(ConfigError, match=r"holds a 'test_resnet' backbone.*resnet18"):
+        evaluate.probe(exported, named, tmp_path / "x", named=True)
+
+
+def test_missing_backbone_file_is_refused():
+    with pytest.raises(ConfigError, match="does not exist"):
+        evaluate.source_kind("nowhere/last.ckpt")
+
+
+def test_cli_probe(probe_overrides, tmp_path, capsys):
+    out = tmp_path / "cli_probe"
+    args = ["probe", "test_resnet", "-c", "demo", *probe_overrides, "-o", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| linear |" in printed and str(out) in printed
+    assert (out / "metrics.json").is_file()
+    bad = ["probe", "nowhere.safetensors", "-c", "demo", *probe_overrides]
+    assert main(bad) == 2
+    assert "does not exist" in capsys.readouterr().err
