@@ -135,6 +135,7 @@ class ProbeConfig:
     tran1_heads: int = 0  # 0: d / 64 (at least 1)
     knn_k: int = 20
     knn_temperature: float = 0.07
+    online: bool = False  # online linear probe on the kept-quarter features during pretraining
 
 
 @dataclass

@@ -11,13 +11,16 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
 
 from heatssl.backbone import build_backbone
 from heatssl.config import Config, load_config
 from heatssl.data import denormalize
 from heatssl.figures import figure_to_tensor, reconstruction_figure, save_figure
-from heatssl.heat import quadrant_mask
+from heatssl.heat import crop_quadrant, quadrant_mask
+from heatssl.probe import LinearHead
 from heatssl.qbheat import QBHeat, patch_normalize
 from heatssl.schedule import scaled_lr, warmup_cosine
 
@@ -35,16 +38,30 @@ class HeatPretrainModule(L.LightningModule):
     Args:
         config: The run config (a :class:`Config` or its ``to_dict()``).
         picture_dir: Where reconstruction pictures go (None: no pictures).
+        num_classes: Classes of the data; with ``probe.online`` it adds the online linear probe.
     """
 
-    def __init__(self, config: Config | dict[str, Any], picture_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | dict[str, Any],
+        picture_dir: str | None = None,
+        num_classes: int | None = None,
+    ) -> None:
         super().__init__()
         cfg = config if isinstance(config, Config) else load_config(config)
-        self.save_hyperparameters({"config": cfg.to_dict(), "picture_dir": picture_dir})
+        self.save_hyperparameters(
+            {"config": cfg.to_dict(), "picture_dir": picture_dir, "num_classes": num_classes}
+        )
         self.cfg = cfg
         self.qbheat = QBHeat.from_config(build_backbone(cfg.model, cfg.data.image_size), cfg)
         self.picture_dir = picture_dir
         self._picture_batch: Tensor | None = None
+        self.online: LinearHead | None = None
+        if cfg.probe.online and num_classes:
+            # Trained on detached kept-quarter features: a cheap signal to watch, not the real probe.
+            self.online = LinearHead(self.qbheat.backbone.num_features, num_classes)
+            self.online_train_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.online_val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -73,10 +90,29 @@ class HeatPretrainModule(L.LightningModule):
             parts["train/commute"] = out.commute
         self.log_dict(parts, prog_bar=False, sync_dist=False, batch_size=images.shape[0])
         self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=images.shape[0])
-        return out.loss
+        if self.online is None:
+            return out.loss
+        logits = self.online(out.block.detach().float().mean(dim=(-2, -1)))
+        online_loss = F.cross_entropy(logits, batch[1])
+        self.online_train_acc(logits, batch[1])
+        self.log("online/train_loss", online_loss, batch_size=images.shape[0])
+        self.log("online/train_top1", self.online_train_acc, on_step=False, on_epoch=True)
+        return out.loss + online_loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Online-probe accuracy on val images' kept quarters (all four quadrants in turn)."""
+        if self.online is None:
+            return
+        images, labels = batch
+        q = torch.arange(images.shape[0], device=images.device) % 4
+        pooled = self.backbone(crop_quadrant(images, q)).float().mean(dim=(-2, -1))
+        self.online_val_acc(self.online(pooled), labels)
+        self.log("online/val_top1", self.online_val_acc, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
+        if self.online is not None:
+            no_decay += list(self.online.parameters())
         for name, param in self.qbheat.named_parameters():
             if not param.requires_grad:
                 continue

@@ -61,6 +61,7 @@ class QBHeatOutput:
     commute: Tensor | None
     pred: Tensor  # decoder output, in the target's space (normalised patches when norm_pix)
     quadrant: Tensor
+    block: Tensor  # the encoder's grid of the kept quarter (N, d, h, w)
 
 
 class QBHeat(nn.Module):
@@ -188,4 +189,4 @@ class QBHeat(nn.Module):
         ):
             commute = self.heat_loss.operators.commutator(self.commute_probes)
             loss = loss + self.commute_weight * commute
-        return QBHeatOutput(loss, rec, heat, commute, pred, q)
+        return QBHeatOutput(loss, rec, heat, commute, pred, q, block)

@@ -78,7 +78,7 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         limit_train_batches=t.limit_train_batches,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if cfg.probe.online else 0,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         logger=logger,
@@ -107,7 +107,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     if not cfg.data.download:
         datamodule.setup("fit")  # a missing or malformed dataset stops here, before anything runs
-    module = HeatPretrainModule(cfg, picture_dir=str(run_dir / "pictures"))
+    classes = datamodule.num_classes if cfg.probe.online else None
+    module = HeatPretrainModule(cfg, picture_dir=str(run_dir / "pictures"), num_classes=classes)
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "config.yaml")
@@ -127,11 +128,12 @@ def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
     )
 
 
-def _read_checkpoint(path: str | Path) -> tuple[Config, dict]:
-    """The run config and the state dict of a pretraining checkpoint (loaded safely, weights only)."""
+def _read_checkpoint(path: str | Path) -> tuple[Config, dict, int | None]:
+    """Config, state dict and class count of a pretraining checkpoint (loaded safely, weights only)."""
     ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     try:
-        return load_config(ckpt["hyper_parameters"]["config"]), ckpt["state_dict"]
+        hp = ckpt["hyper_parameters"]
+        return load_config(hp["config"]), ckpt["state_dict"], hp.get("num_classes")
     except KeyError as err:
         raise ConfigError(
             f"{path} is not a heatssl pretraining checkpoint (no hyper_parameters.config)."
@@ -145,9 +147,9 @@ def load_checkpoint_config(path: str | Path) -> Config:
 
 def backbone_from_checkpoint(path: str | Path) -> Backbone:
     """The pretrained backbone of a pretraining checkpoint."""
-    cfg, state = _read_checkpoint(path)
+    cfg, state, num_classes = _read_checkpoint(path)
     cfg.model.pretrained = False  # the weights come from the checkpoint, never from a download
-    module = HeatPretrainModule(cfg)
+    module = HeatPretrainModule(cfg, num_classes=num_classes)
     module.load_state_dict(state)
     return module.backbone
 

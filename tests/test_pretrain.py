@@ -1,6 +1,5 @@
 """The LightningModule: lr rule, schedule, optimiser groups, logged parts, pictures."""
 
-import itertools
 import math
 
 import pytest
@@ -8,17 +7,6 @@ import torch
 
 from heatssl.config import load_config
 from heatssl.pretrain import HeatPretrainModule
-from heatssl.schedule import warmup_cosine
-
-
-def test_warmup_then_cosine():
-    assert warmup_cosine(0, warmup=10, total=100) == pytest.approx(0.1)
-    assert warmup_cosine(9, warmup=10, total=100) == pytest.approx(1.0)
-    assert warmup_cosine(10, warmup=10, total=100) == pytest.approx(1.0)
-    assert warmup_cosine(55, warmup=10, total=100) == pytest.approx(0.5)
-    assert warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
-    mids = [warmup_cosine(s, 10, 100) for s in range(10, 100)]
-    assert all(a >= b for a, b in itertools.pairwise(mids))  # never rises after warm-up
 
 
 def test_lr_follows_batch_without_trainer(tiny_overrides):

@@ -64,3 +64,15 @@ def test_export_from_checkpoint_matches_the_trained_backbone(tiny_overrides, tmp
         assert not torch.allclose(
             fresh.forward_intermediates(x, indices=[-1], intermediates_only=True)[0], ref
         )
+
+
+def test_online_probe_is_logged_and_checkpoints_still_load(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "probe.online=true", "trainer.max_epochs=2"])
+    result = run.pretrain(cfg)
+    rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
+    val = [float(r["online/val_top1"]) for r in rows if r.get("online/val_top1")]
+    train = [float(r["online/train_top1"]) for r in rows if r.get("online/train_top1")]
+    assert len(val) == 2 and len(train) == 2  # once per epoch each
+    assert all(0.0 <= v <= 1.0 for v in val + train)
+    backbone = run.backbone_from_checkpoint(result.last_checkpoint)  # online head in the state
+    assert backbone.name == "test_resnet"
