@@ -77,6 +77,12 @@ def check_labels(train: FeatureSet, val: FeatureSet, class_names: list[str]) -> 
                 f"The {name} split has images without labels (label -1): probes need a labelled "
                 f"dataset. Use a labelled split (e.g. an ImageFolder with class folders)."
             )
+    too_big = int(max(train.labels.max(), val.labels.max()))
+    if too_big >= len(class_names):
+        raise ConfigError(
+            f"Label {too_big} has no class name: the dataset lists {len(class_names)} classes "
+            f"({class_names[:5]}...). Its labels and class list disagree."
+        )
     seen = set(train.labels.unique().tolist())
     if len(seen) < 2:
         raise ConfigError(f"The train split has {len(seen)} class: a probe needs at least two.")

@@ -237,6 +237,9 @@ def save_head(head: nn.Module, path: str | Path, class_names: list[str], **meta:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kind = "linear" if isinstance(head, LinearHead) else "tran1"
+    reserved = {"format", "kind", "class_names", "tokens", "heads", "in_dim", "num_classes"}
+    if reserved & set(meta):
+        raise ValueError(f"save_head metadata may not set {sorted(reserved & set(meta))}.")
     info = {"format": HEAD_FORMAT, "kind": kind, "class_names": class_names, **meta}
     if isinstance(head, Tran1Head):
         info["tokens"] = head.pos.shape[1]
