@@ -190,7 +190,7 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = {k: v for k, v in backbone.create_kwargs.items()}
+    kwargs = dict(backbone.create_kwargs)
     full = timm.create_model(backbone.name, pretrained=False, **kwargs)
     missing, unexpected = full.load_state_dict(backbone.model.state_dict(), strict=False)
     head = set(full.state_dict()) - set(backbone.model.state_dict())

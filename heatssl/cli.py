@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
-from heatssl import evaluate, run
+from heatssl import evaluate, explain, run
+from heatssl.cam import METHODS
 from heatssl.config import Config, ConfigError, load_config
 
 
@@ -48,6 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default: RUN/probe)")
 
+    p = sub.add_parser("heatmaps", help="CAM / gradient-CAM heat maps of a probed backbone")
+    p.add_argument("source", help="a pretraining .ckpt or an exported .safetensors backbone")
+    p.add_argument("--head", required=True, help="linear_head.safetensors from `heatssl probe`")
+    _add_config_args(p, default=None)
+    p.add_argument("--images", default=None, help="an image file or folder (default: a data split)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="data split to draw")
+    p.add_argument("--num", type=int, default=16, help="images drawn from the split")
+    p.add_argument(
+        "--method", action="append", choices=list(METHODS), help="repeatable; default: cam"
+    )
+    p.add_argument("--target", default=None, help="class name to explain (default: predicted)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: RUN/heatmaps)")
+
+    p = sub.add_parser("reconstruct", help="QB-Heat reconstruction figure of a checkpoint")
+    p.add_argument("checkpoint", help="a pretraining .ckpt")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--num", type=int, default=8, help="images shown")
+    p.add_argument("-o", "--out", default=None, help="PNG path (default: RUN/reconstruction.png)")
+
     p = sub.add_parser(
         "demo", help="the whole chain on the embedded digits data, on CPU, in minutes"
     )
@@ -77,6 +98,29 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _heatmaps(args: argparse.Namespace) -> int:
+    cfg = evaluate.probe_config(args.source, args.config, args.overrides)
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    out = args.out or evaluate.default_out_dir(args.source, cfg).with_name("heatmaps")
+    result = explain.run_heatmaps(
+        args.source,
+        args.head,
+        cfg,
+        out,
+        args.method or ["cam"],
+        args.images,
+        args.split,
+        args.num,
+        args.target,
+    )
+    for method, sheet in result.sheets.items():
+        print(f"heatssl: {method} sheet {sheet}")
+    print(f"heatssl: overlays and maps.npz per method in {result.out_dir}")
+    return 0
+
+
 def _demo(cfg: Config) -> int:
     """Pretrain on the embedded data, export, and probe the backbone against random init."""
     result = run.pretrain(cfg)
@@ -85,9 +129,17 @@ def _demo(cfg: Config) -> int:
     trained = evaluate.probe(ckpt, cfg, result.run_dir / "probe", title="QB-Heat pretrained")
     random = evaluate.probe(
         cfg.model.backbone,
-        load_config(cfg.to_dict()),
+        cfg,
         result.run_dir / "probe_random",
         title="random init",
+    )
+    maps = explain.run_heatmaps(
+        ckpt,
+        trained.out_dir / "linear_head.safetensors",
+        cfg,
+        result.run_dir / "heatmaps",
+        ["cam", "gradcam"],
+        num=12,
     )
     kinds = cfg.probe.kinds
     lines = ["| backbone | " + " | ".join(f"{k} top-1" for k in kinds) + " |"]
@@ -100,7 +152,8 @@ def _demo(cfg: Config) -> int:
         f"\nheatssl demo: pretrained {cfg.model.backbone} for {result.global_step} steps in "
         f"{result.seconds:.0f} s, then probed it on {cfg.data.name} (val split):\n\n{table}\n\n"
         f"  run folder:  {result.run_dir}\n  pictures:    {result.run_dir / 'pictures'}\n"
-        f"  backbone:    {exported}\n  probes:      {trained.out_dir}, {random.out_dir}"
+        f"  backbone:    {exported}\n  probes:      {trained.out_dir}, {random.out_dir}\n"
+        f"  heat maps:   {maps.sheets['cam']} (and {maps.sheets['gradcam'].name})"
     )
     return 0
 
@@ -124,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "probe":
             return _probe(args)
+        if args.command == "heatmaps":
+            return _heatmaps(args)
+        if args.command == "reconstruct":
+            out = args.out or Path(args.checkpoint).resolve().parent.parent / "reconstruction.png"
+            path = explain.run_reconstruction(args.checkpoint, out, args.split, args.num)
+            print(f"heatssl: reconstruction figure written to {path}")
+            return 0
         cfg = _config(args)
         if args.print_config:
             _print_config(cfg)

@@ -4,6 +4,7 @@ once, train the probes, and write heads, metrics JSON and a markdown table into 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,7 @@ def probe_config(source: str, config: str | None, overrides: list[str] | None) -
         cfg_source = load_checkpoint_config(source).to_dict()
     else:
         cfg_source = None
-    cfg = load_config(cfg_source, overrides)
-    return cfg
+    return load_config(cfg_source, overrides)
 
 
 def _check_named_model(cfg: Config, found: str, source: str, named: bool) -> None:
@@ -71,9 +71,9 @@ def resolve_backbone(source: str, cfg: Config, named: bool = False) -> Backbone:
     if kind == "export":
         _check_named_model(cfg, read_export_metadata(source)["model_name"], source, named)
         return load_exported_backbone(source, image_size=size, check_size=False)
-    cfg.model.backbone = source
-    cfg.model.pretrained = False  # the baseline is random initialisation
-    return build_backbone(cfg.model, size, check_size=False)
+    # the baseline is random initialisation of the named model (the caller's config is left as is)
+    model = dataclasses.replace(cfg.model, backbone=source, pretrained=False)
+    return build_backbone(model, size, check_size=False)
 
 
 def default_out_dir(source: str, cfg: Config) -> Path:

@@ -1,4 +1,4 @@
-"""Pictures people look at: the QB-Heat reconstruction sheet (input / kept quarter / reconstruction)."""
+"""Pictures people look at: QB-Heat reconstructions, heat-map overlays and contact sheets."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
+from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import Tensor
 
 
@@ -60,3 +62,38 @@ def figure_to_tensor(fig: matplotlib.figure.Figure) -> Tensor:
     rgba = torch.frombuffer(bytearray(fig.canvas.buffer_rgba()), dtype=torch.uint8)
     w, h = fig.canvas.get_width_height()
     return rgba.view(h, w, 4)[..., :3].permute(2, 0, 1).clone()
+
+
+def resize_map(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A (h, w) map resized bilinearly to (height, width)."""
+    t = torch.from_numpy(np.ascontiguousarray(heat, dtype=np.float32))[None, None]
+    out = torch.nn.functional.interpolate(t, size=(height, width), mode="bilinear")
+    return out[0, 0].numpy()
+
+
+def overlay(original: np.ndarray, heat: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """uint8 RGB (H, W, 3): the heat map (jet colours) over the original at its own resolution."""
+    h, w = original.shape[:2]
+    return show_cam_on_image(original, resize_map(heat, h, w), use_rgb=True, image_weight=weight)
+
+
+def heatmap_sheet(
+    originals: list[np.ndarray], maps: np.ndarray, titles: list[str], method: str, cols: int = 4
+) -> matplotlib.figure.Figure:
+    """A contact sheet: each image with its map over it, a title per image, one colour bar."""
+    n = len(originals)
+    cols = min(cols, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.8, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (original, heat, title) in enumerate(zip(originals, maps, titles, strict=True)):
+        ax = axes.flat[i]
+        h, w = original.shape[:2]
+        ax.imshow(original)
+        ax.imshow(resize_map(heat, h, w), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        ax.set_title(title, fontsize=8)
+    mappable = matplotlib.cm.ScalarMappable(cmap="jet", norm=matplotlib.colors.Normalize(0, 1))
+    fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02, label="relevance")
+    fig.suptitle(f"heatssl heat maps: {method}", fontsize=10)
+    return fig

@@ -145,13 +145,18 @@ def load_checkpoint_config(path: str | Path) -> Config:
     return _read_checkpoint(path)[0]
 
 
-def backbone_from_checkpoint(path: str | Path) -> Backbone:
-    """The pretrained backbone of a pretraining checkpoint."""
+def module_from_checkpoint(path: str | Path) -> HeatPretrainModule:
+    """The pretraining module of a checkpoint, in eval mode."""
     cfg, state, num_classes = _read_checkpoint(path)
     cfg.model.pretrained = False  # the weights come from the checkpoint, never from a download
     module = HeatPretrainModule(cfg, num_classes=num_classes)
     module.load_state_dict(state)
-    return module.backbone
+    return module.eval()
+
+
+def backbone_from_checkpoint(path: str | Path) -> Backbone:
+    """The pretrained backbone of a pretraining checkpoint."""
+    return module_from_checkpoint(path).backbone
 
 
 def export(checkpoint: str | Path, out: str | Path | None = None) -> Path:

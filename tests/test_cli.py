@@ -24,6 +24,9 @@ def test_demo_runs_the_chain(tiny_overrides, tmp_path, capsys):
     assert list((run_dir / "pictures").glob("*.png"))
     assert (run_dir / "probe" / "linear_head.safetensors").is_file()
     assert (run_dir / "probe_random" / "metrics.json").is_file()
+    assert "heat maps:" in out
+    assert (run_dir / "heatmaps" / "cam_sheet.png").is_file()
+    assert (run_dir / "heatmaps" / "gradcam_sheet.png").is_file()
 
 
 def test_print_config_shows_the_resolved_values(capsys):

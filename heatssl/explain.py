@@ -1,0 +1,117 @@
+"""Heat-map and reconstruction runs: pick images, compute maps, write overlays, sheets and arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from heatssl.cam import HeatmapResult, heatmaps
+from heatssl.config import Config, ConfigError
+from heatssl.data import build_datamodule, denormalize
+from heatssl.evaluate import resolve_backbone
+from heatssl.figures import heatmap_sheet, overlay, reconstruction_figure, save_figure
+from heatssl.images import LoadedImages, image_files, load_images
+from heatssl.probe import LinearHead, load_head
+from heatssl.run import module_from_checkpoint
+
+
+@dataclass
+class HeatmapRun:
+    """What a heat-map run wrote, per method."""
+
+    out_dir: Path
+    sheets: dict[str, Path]
+    results: dict[str, HeatmapResult]
+    skipped: list[str]
+
+
+def dataset_images(cfg: Config, split: str, num: int) -> tuple[LoadedImages, list[str], list[str]]:
+    """The first ``num`` images of a dataset split, their true class names, and all class names."""
+    data = build_datamodule(cfg.data, seed=cfg.seed)
+    inputs, labels = [], []
+    for x, y in data.feature_dataloader(split, batch_size=min(num, 64)):
+        inputs.append(x)
+        labels.append(y)
+        if sum(len(t) for t in inputs) >= num:
+            break
+    x = torch.cat(inputs)[:num]
+    y = torch.cat(labels)[:num].tolist()
+    originals = [img.permute(1, 2, 0).numpy() for img in denormalize(x)]
+    names = [f"{split}_{i:04d}" for i in range(len(x))]
+    classes = data.class_names
+    return LoadedImages(x, originals, names), [classes[i] for i in y], classes
+
+
+def load_linear_head(path: str | Path) -> tuple[LinearHead, list[str]]:
+    """The linear probe head saved by ``heatssl probe`` and its class names."""
+    head, info = load_head(path)
+    if not isinstance(head, LinearHead):
+        raise ConfigError(
+            f"{path} is a {info['kind']} head; CAMs need the linear probe head "
+            f"(linear_head.safetensors in the probe folder)."
+        )
+    return head, list(info["class_names"])
+
+
+def run_heatmaps(
+    source: str,
+    head_path: str | Path,
+    cfg: Config,
+    out_dir: str | Path,
+    methods: list[str],
+    images: str | None = None,
+    split: str = "val",
+    num: int = 16,
+    target: str | None = None,
+) -> HeatmapRun:
+    """Heat maps of ``source`` + its linear head over an image folder or a dataset split."""
+    head, class_names = load_linear_head(head_path)
+    backbone = resolve_backbone(source, cfg)
+    truths: list[str] | None = None
+    if images is not None:
+        loaded = load_images(image_files(images), cfg.data.image_size)
+    else:
+        loaded, truths, _ = dataset_images(cfg, split, num)
+    out = Path(out_dir)
+    sheets, results = {}, {}
+    for method in methods:
+        result = heatmaps(backbone, head, loaded.inputs, method, target, class_names)
+        probs = torch.from_numpy(result.logits).softmax(dim=1)
+        titles = []
+        for i, name in enumerate(loaded.names):
+            pred = int(probs[i].argmax())
+            line = f"pred {class_names[pred]} ({100 * probs[i, pred]:.0f}%)"
+            if truths is not None:
+                line = f"true {truths[i]}\n{line}"
+            if target is not None:
+                line += f"\nmap for {target}"
+            titles.append(f"{name}\n{line}")
+        folder = out / method.replace("+", "p")
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, original, heat in zip(loaded.names, loaded.originals, result.maps, strict=True):
+            Image.fromarray(overlay(original, heat)).save(folder / f"{name}.png")
+        np.savez_compressed(
+            folder / "maps.npz",
+            maps=result.maps,
+            raw=result.raw if result.raw is not None else np.zeros(0),
+            logits=result.logits,
+            targets=result.targets,
+            names=np.array(loaded.names),
+        )
+        fig = heatmap_sheet(loaded.originals, result.maps, titles, method)
+        sheets[method] = save_figure(fig, out / f"{method.replace('+', 'p')}_sheet.png")
+        results[method] = result
+    return HeatmapRun(out, sheets, results, loaded.skipped)
+
+
+def run_reconstruction(checkpoint: str, out: str | Path, split: str = "val", num: int = 8) -> Path:
+    """The QB-Heat reconstruction figure of a checkpoint on ``num`` images of its own data."""
+    module = module_from_checkpoint(checkpoint)
+    loaded, _, _ = dataset_images(module.cfg, split, num)
+    shown, mask, recon = module.reconstruct(loaded.inputs)
+    fig = reconstruction_figure(shown, mask, recon, title=f"QB-Heat reconstruction: {checkpoint}")
+    return save_figure(fig, out)

@@ -1,0 +1,85 @@
+"""Image files for heat maps: any size, mode or format PIL reads, converted; unreadable ones listed."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from heatssl.data import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class LoadedImages:
+    """Model inputs, the originals (for overlays at their own size) and what could not be read."""
+
+    inputs: Tensor  # (N, 3, S, S), normalised
+    originals: list[np.ndarray]  # each (H, W, 3) float32 in [0, 1]
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any PIL mode: grey, 16-bit, palette (with transparency), RGBA (on white), CMYK."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float32)
+        arr = 255.0 * (arr - arr.min()) / max(1.0, float(arr.max() - arr.min()))
+        image = Image.fromarray(arr.astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (or the file itself), sorted."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No image file or folder at {folder}.")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def prepare(image: Image.Image, size: int) -> tuple[Tensor, np.ndarray]:
+    """The model input (3, size, size), normalised, and the original as float RGB in [0, 1]."""
+    rgb = to_rgb(image)
+    original = np.asarray(rgb, dtype=np.float32) / 255.0
+    resized = np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    x = torch.from_numpy(resized / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std, original
+
+
+def load_images(paths: list[Path], size: int) -> LoadedImages:
+    """Read every path; unreadable files are skipped and named in one warning."""
+    inputs, originals, names, skipped = [], [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                x, original = prepare(image, size)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            skipped.append(f"{path} ({type(err).__name__})")
+            continue
+        inputs.append(x)
+        originals.append(original)
+        names.append(Path(path).stem)
+    if skipped:
+        warnings.warn(
+            f"Skipped {len(skipped)} unreadable image file(s): {'; '.join(skipped[:10])}",
+            stacklevel=2,
+        )
+    if not inputs:
+        raise FileNotFoundError(f"None of the {len(paths)} image file(s) could be read.")
+    return LoadedImages(torch.stack(inputs), originals, names, skipped)
