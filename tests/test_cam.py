@@ -86,7 +86,7 @@ def test_targets_and_bad_inputs(resnet):
     logits = torch.tensor([[0.1, 2.0, 0.3], [3.0, 0.0, 0.1]])
     assert resolve_targets(logits, None, None).tolist() == [1, 0]
     assert resolve_targets(logits, "c", ["a", "b", "c"]).tolist() == [2, 2]
-    with pytest.raises(ConfigError, match="'zebra' does not exist.*a, b, c"):
+    with pytest.raises(ConfigError, match=r"'zebra' does not exist.*a, b, c"):
         resolve_targets(logits, "zebra", ["a", "b", "c"])
     with pytest.raises(ConfigError, match="out of range"):
         resolve_targets(logits, 5, None)
