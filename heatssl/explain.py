@@ -113,5 +113,6 @@ def run_reconstruction(checkpoint: str, out: str | Path, split: str = "val", num
     module = module_from_checkpoint(checkpoint)
     loaded, _, _ = dataset_images(module.cfg, split, num)
     shown, mask, recon = module.reconstruct(loaded.inputs)
-    fig = reconstruction_figure(shown, mask, recon, title=f"QB-Heat reconstruction: {checkpoint}")
+    title = f"QB-Heat reconstruction ({module.picture_note})\n{checkpoint}"
+    fig = reconstruction_figure(shown, mask, recon, title=title)
     return save_figure(fig, out)

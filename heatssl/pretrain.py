@@ -169,12 +169,20 @@ class HeatPretrainModule(L.LightningModule):
         mask = quadrant_mask(q, images.shape[-2], images.shape[-1])
         return denormalize(images.float()), mask, denormalize(pred)
 
+    @property
+    def picture_note(self) -> str:
+        """What the reconstruction row shows (norm-pix predictions need the input's patch stats)."""
+        if self.qbheat.norm_pix:
+            return "norm-pix: predicted patches shown with the input's patch mean and std"
+        return "predicted pixels"
+
     def save_picture(self, images: Tensor, epoch: int) -> Path | None:
         """Write the reconstruction sheet for ``epoch`` to the run folder and to the logger."""
         if self.picture_dir is None:
             return None
         shown, mask, recon = self.reconstruct(images)
-        fig = reconstruction_figure(shown, mask, recon, title=f"QB-Heat, epoch {epoch}")
+        title = f"QB-Heat, epoch {epoch} ({self.picture_note})"
+        fig = reconstruction_figure(shown, mask, recon, title=title)
         experiment = getattr(self.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
             experiment.add_image("reconstruction", figure_to_tensor(fig), self.global_step)
