@@ -46,13 +46,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="../shared/data/imagenette-128", help="ImageFolder root")
     p.add_argument("--epochs", type=int, default=10, help="pretraining epochs per variant")
-    p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=["default"], choices=list(VARIANTS))
+    p.add_argument(
+        "--custom",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[ KEY=VALUE...]",
+        help="an extra variant for a sweep, e.g. --custom 'lr_x2:optim.base_lr=4e-3' (repeatable)",
+    )
     p.add_argument("--kinds", nargs="+", default=["linear", "tran1", "knn"])
     p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
     p.add_argument("--out", default="bench_results/probe_quality.json")
     p.add_argument("--runs", default="bench_results/runs", help="run folders of the variants")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.custom_variants = {}
+    for spec in args.custom:
+        name, sep, rest = spec.partition(":")
+        overrides = rest.split()
+        if not sep or not name or not overrides or any("=" not in o for o in overrides):
+            p.error(f"--custom {spec!r}: expected NAME:KEY=VALUE[ KEY=VALUE...]")
+        if name in VARIANTS or name == "random_init":
+            p.error(f"--custom name {name!r} is taken by a built-in variant; choose another name")
+        args.custom_variants[name] = overrides
+    return args
+
+
+def _overrides(args: argparse.Namespace, variant: str) -> list[str]:
+    """The overrides that define a variant: built-in or from ``--custom``."""
+    if variant in args.custom_variants:
+        return args.custom_variants[variant]
+    return VARIANTS.get(variant, [])
 
 
 def _cfg(args: argparse.Namespace, variant: str) -> Any:
@@ -62,7 +86,7 @@ def _cfg(args: argparse.Namespace, variant: str) -> Any:
         f"trainer.max_epochs={args.epochs}",
         f"probe.kinds=[{', '.join(args.kinds)}]",
         "trainer.progress_bar=false",
-        *VARIANTS.get(variant, []),
+        *_overrides(args, variant),
         *args.overrides,
     ]
     return load_config("imagenette", overrides)
@@ -106,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             "total_seconds": time.perf_counter() - start,
         }
         save()
-    for variant in args.variants:
+    for variant in [*args.variants, *args.custom_variants]:
         cfg = _cfg(args, variant)
         start = time.perf_counter()
         pre = run.pretrain(cfg)
         result = evaluate.probe(str(pre.last_checkpoint), cfg)
         report["results"][variant] = {
             **_probe_entry(result),
-            "overrides": VARIANTS[variant],
+            "overrides": _overrides(args, variant),
             "pretrain_seconds": pre.seconds,
             "pretrain_steps": pre.global_step,
             "images_seen": pre.global_step * cfg.data.batch_size,
