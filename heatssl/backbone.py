@@ -125,6 +125,16 @@ class Backbone(nn.Module):
         )
         return grid
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward (timm's own switch): less memory, more compute."""
+        try:
+            self.model.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError) as err:
+            raise ConfigError(
+                f"model.grad_checkpointing=true: timm's {self.name} does not support gradient "
+                f"checkpointing ({err or type(err).__name__}). Set model.grad_checkpointing=false."
+            ) from err
+
     def pooled(self, x: Tensor) -> Tensor:
         """Global-average-pooled embedding (N, d) of the chosen stage."""
         return self(x).mean(dim=(-2, -1))

@@ -86,7 +86,7 @@ def resolve_targets(
         target = names.index(target)
     if not 0 <= target < c:
         raise ConfigError(f"Target class index {target} is out of range 0..{c - 1}.")
-    return torch.full((n,), int(target), dtype=torch.long)
+    return torch.full((n,), int(target), dtype=torch.long, device=logits.device)
 
 
 @contextmanager
@@ -132,10 +132,14 @@ def heatmaps(
     """One heat map per image (N, 3, H, W normalised) for ``target`` (default: predicted class).
 
     The backbone and head stay frozen: gradient methods differentiate with respect to the input
-    only, so no parameter receives a gradient.
+    only, so no parameter receives a gradient. Runs on the backbone's device (move the backbone to a
+    GPU first to use one); the returned arrays are on the CPU.
     """
     if method not in METHODS:
         raise ConfigError(f"Heat-map method {method!r} is not one of {', '.join(METHODS)}.")
+    device = next(backbone.parameters()).device
+    head = head.to(device)
+    images = images.to(device)
     model = ProbedBackbone(backbone, head)
     size = images.shape[-2:]
     with frozen(model):
@@ -145,10 +149,10 @@ def heatmaps(
         targets = resolve_targets(logits, target, class_names)
         raw = None
         if method == "cam":
-            maps = class_maps(grid, head)[torch.arange(len(targets)), targets]
-            raw = maps.numpy().astype(np.float32)
+            maps = class_maps(grid, head)[torch.arange(len(targets), device=device), targets]
+            raw = maps.float().cpu().numpy()
             up = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)
-            out = _normalize(up[:, 0]).numpy()
+            out = _normalize(up[:, 0]).cpu().numpy()
         else:
             x = images.detach().clone().requires_grad_(True)  # gradients stop at the input
             with GRADIENT_METHODS[method](model=model, target_layers=[model.grid_layer]) as cam:
@@ -156,7 +160,7 @@ def heatmaps(
     return HeatmapResult(
         maps=np.nan_to_num(np.asarray(out, dtype=np.float32)),
         raw=raw,
-        logits=logits.numpy(),
-        targets=targets.numpy(),
+        logits=logits.cpu().numpy(),
+        targets=targets.cpu().numpy(),
         method=method,
     )

@@ -36,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="last",
         default=None,
-        help="continue from the run folder's last.ckpt, or from a given .ckpt",
+        help="continue from the run folder's last.ckpt (bare --resume), a given .ckpt, or 'auto' "
+        "(the newest of last.ckpt and SLURM requeue checkpoints; start afresh if none)",
+    )
+    p.add_argument(
+        "--benchmark-loader",
+        type=int,
+        nargs="?",
+        const=50,
+        default=None,
+        metavar="BATCHES",
+        help="time the training data loader alone (default 50 batches), print images/s and exit",
     )
 
     p = sub.add_parser("export", help="export a checkpoint's backbone as timm-loadable safetensors")
@@ -186,7 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = _config(args)
         if args.print_config:
+            print(f"# {run.launch_plan(cfg)}")
             _print_config(cfg)
+            return 0
+        if args.command == "pretrain" and args.benchmark_loader is not None:
+            stats = run.benchmark_loader(cfg, args.benchmark_loader)
+            print(
+                f"heatssl: input pipeline {stats['images_per_second']:.0f} images/s "
+                f"({stats['images']} images in {stats['seconds']:.1f} s, batch "
+                f"{stats['batch_size']}, {stats['num_workers']} workers)"
+            )
             return 0
         if args.command == "pretrain":
             result = run.pretrain(cfg, resume=args.resume)

@@ -35,6 +35,9 @@ class ModelConfig:
         None  # dilate the last stages (CNNs that support it) for a finer grid
     )
     pretrained: bool = False  # timm's own pretrained weights: needs network access
+    grad_checkpointing: bool = (
+        False  # timm's set_grad_checkpointing: less memory, ~30% more compute
+    )
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
 
 
@@ -59,6 +62,7 @@ class DecoderConfig:
     depth: int = 1  # 3x3 conv blocks at grid resolution before upsampling
     upsample_blocks: int = 1  # (x2 upsample, 3x3 conv) blocks; a pixel shuffle does the rest
     min_width: int = 16
+    norm: Literal["batch", "group", "none"] = "batch"  # group: batch-independent (DDP on CPU)
 
 
 @dataclass
@@ -107,6 +111,10 @@ class TrainerConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
+    sync_batchnorm: bool = False  # BatchNorm statistics over all devices (DDP)
+    channels_last: bool = False  # NHWC memory layout: faster convolutions on GPU tensor cores
+    compile: bool = False  # torch.compile the backbone and the decoder (not the LightningModule)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     gradient_clip_val: float | None = 1.0
     limit_train_batches: float | int = 1.0
     log_every_n_steps: int = 10
@@ -317,6 +325,7 @@ def validate(cfg: Config) -> None:
         "data.batch_size": cfg.data.batch_size,
         "trainer.max_epochs": cfg.trainer.max_epochs,
         "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
+        "trainer.num_nodes": cfg.trainer.num_nodes,
         "decoder.width": cfg.decoder.width,
     }
     for key, value in positive.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import colorsys
 import copy
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +369,47 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def loader_throughput(
+    loader: DataLoader, batches: int = 50, warmup: int = 5, progress: bool = True
+) -> dict[str, float]:
+    """Images per second of the input pipeline alone (decode, augment, collate; no model).
+
+    ``warmup`` batches (worker start-up, first reads) are not timed. Compare the result with the
+    training step's images/s: the pipeline must be faster, or the accelerator waits on it.
+    """
+    from tqdm.auto import tqdm
+
+    if batches <= 0 or warmup < 0:
+        raise ConfigError(f"loader benchmark: batches={batches} must be > 0, warmup={warmup} >= 0.")
+    images, timed, start = 0, 0, time.perf_counter()
+    total = min(len(loader), warmup + batches) if hasattr(loader, "__len__") else warmup + batches
+    bar = tqdm(total=total, desc="loader", disable=not progress, leave=False)
+    for i, batch in enumerate(loader):
+        bar.update()
+        if i == warmup:
+            start = time.perf_counter()
+        if i >= warmup:
+            images += batch[0].shape[0]
+            timed += 1
+        if timed >= batches:
+            break
+    bar.close()
+    seconds = time.perf_counter() - start
+    if timed == 0:
+        raise ConfigError(
+            f"loader benchmark: the loader gave {warmup} batches or fewer, all used for warm-up. "
+            "Use a larger dataset or --warmup 0."
+        )
+    return {
+        "images_per_second": images / seconds,
+        "batches": timed,
+        "images": images,
+        "seconds": seconds,
+        "num_workers": loader.num_workers,
+        "batch_size": loader.batch_size or 0,
+    }
 
 
 def build_datamodule(cfg: DataConfig, seed: int = 0) -> HeatDataModule:

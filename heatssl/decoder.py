@@ -13,10 +13,20 @@ import math
 
 from torch import Tensor, nn
 
+NORMS = ("batch", "group", "none")
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":  # batch-independent: the same result on any split of the batch
+        return nn.GroupNorm(math.gcd(8, channels), channels)
+    return nn.Identity()
+
+
+def _conv_block(c_in: int, c_out: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm == "none"), _norm(norm, c_out), nn.GELU()
     )
 
 
@@ -31,6 +41,9 @@ class ConvDecoder(nn.Module):
         upsample_blocks: (x2 upsample, 3x3 conv) blocks; capped at log2(reduction).
         min_width: Lower bound on the width while it halves at each upsampling block.
         out_channels: Image channels.
+        norm: Normalisation in the conv blocks: ``batch`` (default), ``group`` (independent of
+            the batch: per-device batches and DDP without SyncBatchNorm give the global result) or
+            ``none``.
     """
 
     def __init__(
@@ -42,8 +55,11 @@ class ConvDecoder(nn.Module):
         upsample_blocks: int = 1,
         min_width: int = 16,
         out_channels: int = 3,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r} is not one of {', '.join(NORMS)}.")
         if reduction < 1 or reduction & (reduction - 1):
             raise ValueError(f"reduction={reduction} must be a power of two (1, 2, 4, 8, ...).")
         if depth < 0 or upsample_blocks < 0:
@@ -51,11 +67,11 @@ class ConvDecoder(nn.Module):
         factors = int(math.log2(reduction))
         blocks = min(upsample_blocks, factors)
         layers: list[nn.Module] = [nn.Conv2d(in_dim, width, 1)]
-        layers += [_conv_block(width, width) for _ in range(depth)]
+        layers += [_conv_block(width, width, norm) for _ in range(depth)]
         c = width
         for _ in range(blocks):
             c_next = max(min_width, c // 2)
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_block(c, c_next)]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _conv_block(c, c_next, norm)]
             c = c_next
         shuffle = 2 ** (factors - blocks)
         layers += [nn.Conv2d(c, out_channels * shuffle * shuffle, 1), nn.PixelShuffle(shuffle)]

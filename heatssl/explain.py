@@ -70,7 +70,7 @@ def run_heatmaps(
 ) -> HeatmapRun:
     """Heat maps of ``source`` + its linear head over an image folder or a dataset split."""
     head, class_names = load_linear_head(head_path)
-    backbone = resolve_backbone(source, cfg)
+    backbone = resolve_backbone(source, cfg).to("cuda" if torch.cuda.is_available() else "cpu")
     truths: list[str] | None = None
     if images is not None:
         loaded = load_images(image_files(images), cfg.data.image_size)

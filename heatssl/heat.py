@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 QUADRANTS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -208,6 +209,13 @@ class MaskTokenPredictor(nn.Module):
         return place_block(block, q, fill)
 
 
+def _world_size() -> int:
+    """Processes in the default torch.distributed group (1 when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 class HeatLoss(nn.Module):
     """Scale-free residual of ``dz/dx = A z`` and ``dz/dy = B z`` on any feature map (N, d, h, w).
 
@@ -221,6 +229,10 @@ class HeatLoss(nn.Module):
         operators: Share A and B with a :class:`HeatPredictor` (``predictor.operators``).
         step: Step rule for operators it creates.
         eps: Added to the denominator.
+        sync_distributed: In training mode under torch.distributed (DDP), average the numerator
+            and the denominator over all processes before dividing, so the ratio is the one of the
+            global batch and the gradients match a single process with that batch. Every process
+            must then call the loss at the same steps, as DDP training does.
 
     Example:
         >>> loss_fn = HeatLoss(dim=256)
@@ -233,6 +245,7 @@ class HeatLoss(nn.Module):
         operators: HeatOperators | None = None,
         step: StepRule = "euler",
         eps: float = 1e-8,
+        sync_distributed: bool = True,
     ) -> None:
         super().__init__()
         if operators is None:
@@ -240,6 +253,7 @@ class HeatLoss(nn.Module):
                 raise ValueError("HeatLoss needs either dim (own operators) or operators (shared).")
             operators = HeatOperators(dim, step=step)
         self.operators, self.eps = operators, eps
+        self.sync_distributed = sync_distributed
 
     def forward(self, z: Tensor) -> Tensor:
         """Return the scalar residual loss of feature map ``z`` (N, d, h, w), h and w >= 2."""
@@ -258,4 +272,11 @@ class HeatLoss(nn.Module):
         def msq(t: Tensor) -> Tensor:
             return t.pow(2).sum(dim=1).mean()
 
-        return (msq(rx) + msq(ry)) / (msq(dx) + msq(dy) + msq(z) + self.eps)
+        parts = torch.stack([msq(rx) + msq(ry), msq(dx) + msq(dy) + msq(z)])
+        if self.sync_distributed and self.training and _world_size() > 1:
+            # Differentiable all-reduce: its backward sums the gradients of every process, and
+            # DDP's averaging then gives exactly the single-process gradient of the global ratio.
+            from torch.distributed.nn.functional import all_reduce
+
+            parts = all_reduce(parts) / _world_size()
+        return parts[0] / (parts[1] + self.eps)

@@ -54,6 +54,10 @@ class HeatPretrainModule(L.LightningModule):
         )
         self.cfg = cfg
         self.qbheat = QBHeat.from_config(build_backbone(cfg.model, cfg.data.image_size), cfg)
+        if cfg.model.grad_checkpointing:
+            self.qbheat.backbone.set_grad_checkpointing(True)
+        if cfg.trainer.channels_last:
+            self.qbheat.to(memory_format=torch.channels_last)
         self.picture_dir = picture_dir
         self._picture_batch: Tensor | None = None
         self.online: LinearHead | None = None
@@ -62,6 +66,14 @@ class HeatPretrainModule(L.LightningModule):
             self.online = LinearHead(self.qbheat.backbone.num_features, num_classes)
             self.online_train_acc = MulticlassAccuracy(num_classes, average="micro")
             self.online_val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def configure_model(self) -> None:
+        """Compile the backbone and decoder in place (state-dict keys unchanged), when asked."""
+        t = self.cfg.trainer
+        if t.compile and not getattr(self, "_compiled", False):
+            self.qbheat.backbone.compile(mode=t.compile_mode)
+            self.qbheat.decoder.compile(mode=t.compile_mode)
+            self._compiled = True
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -80,6 +92,8 @@ class HeatPretrainModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]
+        if self.cfg.trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self._picture_batch is None and self.picture_dir is not None:
             self._picture_batch = images[:PICTURE_IMAGES].detach().clone()
         out = self.qbheat(images)

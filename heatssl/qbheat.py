@@ -77,7 +77,7 @@ class QBHeat(nn.Module):
         heat_weight: Weight of the heat residual loss on the encoder's own block grid.
         commute_weight: Weight of ``||AB - BA||_F^2``.
         commute_probes: Random probes estimating the commutator norm (0: exact).
-        decoder_width, decoder_depth, decoder_upsample_blocks, decoder_min_width: See
+        decoder_width, decoder_depth, decoder_upsample_blocks, decoder_min_width, decoder_norm: See
             :class:`ConvDecoder`.
         region: ``masked`` (the three masked quadrants) or ``full`` (whole image) for the pixel loss.
         norm_pix: Score against per-patch standardised pixels (patch = one grid cell).
@@ -97,6 +97,7 @@ class QBHeat(nn.Module):
         decoder_depth: int = 1,
         decoder_upsample_blocks: int = 1,
         decoder_min_width: int = 16,
+        decoder_norm: str = "batch",
         region: str = "masked",
         norm_pix: bool = True,
     ) -> None:
@@ -129,6 +130,7 @@ class QBHeat(nn.Module):
             depth=decoder_depth,
             upsample_blocks=decoder_upsample_blocks,
             min_width=decoder_min_width,
+            norm=decoder_norm,
         )
         self.commute_probes = commute_probes
         self.quadrant, self.heat_weight, self.commute_weight = quadrant, heat_weight, commute_weight
@@ -151,6 +153,7 @@ class QBHeat(nn.Module):
             decoder_depth=d.depth,
             decoder_upsample_blocks=d.upsample_blocks,
             decoder_min_width=d.min_width,
+            decoder_norm=d.norm,
             region=lo.region,
             norm_pix=lo.norm_pix,
         )

@@ -18,8 +18,9 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from heatssl.backbone import Backbone, export_backbone
 from heatssl.config import Config, ConfigError, load_config, save_config
-from heatssl.data import build_datamodule
+from heatssl.data import build_datamodule, loader_throughput
 from heatssl.pretrain import HeatPretrainModule
+from heatssl.schedule import scaled_lr
 
 
 @dataclass
@@ -35,6 +36,33 @@ class PretrainResult:
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """The folder of a run's checkpoints."""
     return Path(run_dir) / "checkpoints"
+
+
+def planned_devices(cfg: Config) -> int:
+    """Devices per node the Trainer will use, read from the config (before any Trainer exists)."""
+    devices, accelerator = cfg.trainer.devices, cfg.trainer.accelerator
+    if isinstance(devices, str) and "," in devices:  # Lightning's "0,1" / "1,": device ids
+        return len([d for d in devices.split(",") if d.strip()])
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()  # "auto" or -1: every visible GPU
+    return 1
+
+
+def launch_plan(cfg: Config) -> str:
+    """One line on the scale of a run: devices, nodes, effective batch and the lr that follows it."""
+    t = cfg.trainer
+    devices = planned_devices(cfg)
+    batch = cfg.data.batch_size * devices * t.num_nodes * t.accumulate_grad_batches
+    return (
+        f"effective batch {batch} = {cfg.data.batch_size} per device x {devices} devices x "
+        f"{t.num_nodes} nodes x {t.accumulate_grad_batches} accumulation; "
+        f"lr {scaled_lr(cfg.optim.base_lr, batch):.4g} = base_lr {cfg.optim.base_lr:g} x {batch} / 256; "
+        f"accelerator {t.accelerator}, strategy {t.strategy}, precision {t.precision}"
+    )
 
 
 def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
@@ -54,6 +82,15 @@ def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
 def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
     """A Lightning Trainer for ``cfg`` writing into ``run_dir``."""
     t = cfg.trainer
+    on_gpu = t.accelerator in ("gpu", "cuda") or (
+        t.accelerator == "auto" and torch.cuda.is_available()
+    )
+    if t.sync_batchnorm and not on_gpu:
+        raise ConfigError(
+            f"trainer.sync_batchnorm=true with trainer.accelerator={t.accelerator} on a machine "
+            f"without a GPU in use: torch's SyncBatchNorm only runs on GPUs. Set "
+            f"trainer.sync_batchnorm=false (or train on GPUs)."
+        )
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
             dirpath=checkpoint_dir(run_dir),
@@ -76,6 +113,7 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
         strategy=t.strategy,
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
+        sync_batchnorm=t.sync_batchnorm,
         gradient_clip_val=t.gradient_clip_val,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=1.0 if cfg.probe.online else 0,
@@ -87,14 +125,28 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
 
 
 def resolve_resume(cfg: Config, resume: str | None) -> str | None:
-    """The checkpoint to resume from: ``last`` (this run folder's last.ckpt) or a path."""
+    """The checkpoint to resume from: ``last`` (this run folder's last.ckpt), ``auto``, or a path.
+
+    ``auto`` takes the newest of last.ckpt and the SLURM requeue checkpoints Lightning writes
+    (``hpc_ckpt_*.ckpt``), and starts afresh when there is none: the setting for preemptible jobs.
+    """
     if resume is None:
         return None
+    if resume == "auto":
+        found = [
+            p
+            for p in [
+                checkpoint_dir(cfg.run_dir) / "last.ckpt",
+                *Path(cfg.run_dir).glob("hpc_ckpt_*.ckpt"),
+            ]
+            if p.is_file()
+        ]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     path = checkpoint_dir(cfg.run_dir) / "last.ckpt" if resume == "last" else Path(resume)
     if not path.is_file():
         raise ConfigError(
-            f"--resume {resume}: no checkpoint at {path}. Give a .ckpt path, or 'last' with the "
-            f"run's config (run_dir={cfg.run_dir})."
+            f"--resume {resume}: no checkpoint at {path}. Give a .ckpt path, 'last' with the "
+            f"run's config (run_dir={cfg.run_dir}), or 'auto' to start afresh when there is none."
         )
     return str(path)
 
@@ -112,11 +164,13 @@ def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
     trainer = build_trainer(cfg, run_dir)
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "config.yaml")
-        batch = cfg.data.batch_size * trainer.world_size * cfg.trainer.accumulate_grad_batches
+        accumulate = cfg.trainer.accumulate_grad_batches
+        batch = cfg.data.batch_size * trainer.world_size * accumulate
         print(
-            f"heatssl: {cfg.model.backbone} on {cfg.data.name}, effective batch {batch}, "
-            f"lr {cfg.optim.base_lr * batch / 256:.3g} (base_lr {cfg.optim.base_lr:g} x {batch} / 256)"
-            f", run folder {run_dir}"
+            f"heatssl: {cfg.model.backbone} on {cfg.data.name}, effective batch {batch} = "
+            f"{cfg.data.batch_size} x {trainer.world_size} process(es) x {accumulate} accumulation, "
+            f"lr {scaled_lr(cfg.optim.base_lr, batch):.4g} (base_lr {cfg.optim.base_lr:g} x "
+            f"{batch} / 256), run folder {run_dir}"
         )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -125,6 +179,15 @@ def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
         last_checkpoint=checkpoint_dir(run_dir) / "last.ckpt",
         seconds=time.perf_counter() - start,
         global_step=trainer.global_step,
+    )
+
+
+def benchmark_loader(cfg: Config, batches: int = 50, warmup: int = 5) -> dict[str, float]:
+    """Images/s of ``cfg``'s training loader alone, as the Trainer would build it."""
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    datamodule.setup("fit")
+    return loader_throughput(
+        datamodule.train_dataloader(), batches, warmup, progress=cfg.trainer.progress_bar
     )
 
 

@@ -70,3 +70,20 @@ def test_gradients_reach_input_and_all_parameters():
     assert grid.grad is not None and grid.grad.abs().sum() > 0
     for name, p in decoder.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    ("norm", "independent"), [("group", True), ("none", True), ("batch", False)]
+)
+def test_norm_choice_decides_batch_independence(norm, independent):
+    torch.manual_seed(0)
+    dec = ConvDecoder(in_dim=8, reduction=4, width=16, norm=norm).train()
+    grid = torch.randn(4, 8, 2, 2)
+    whole = dec(grid)
+    halves = torch.cat([dec(grid[:2]), dec(grid[2:])])
+    assert torch.allclose(whole, halves, atol=1e-5) == independent
+
+
+def test_unknown_norm_is_refused():
+    with pytest.raises(ValueError, match="batch, group, none"):
+        ConvDecoder(in_dim=8, reduction=4, norm="layer")

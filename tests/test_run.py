@@ -76,3 +76,56 @@ def test_online_probe_is_logged_and_checkpoints_still_load(tiny_overrides):
     assert all(0.0 <= v <= 1.0 for v in val + train)
     backbone = run.backbone_from_checkpoint(result.last_checkpoint)  # online head in the state
     assert backbone.name == "test_resnet"
+
+
+def test_resume_auto_starts_afresh_then_continues(tiny_overrides):
+    cfg = load_config("demo", tiny_overrides)
+    assert run.resolve_resume(cfg, "auto") is None  # nothing yet: a first start, no error
+    first = run.pretrain(cfg, resume="auto")
+    assert run.resolve_resume(cfg, "auto") == str(first.last_checkpoint)
+    cfg2 = load_config("demo", [*tiny_overrides, "trainer.max_epochs=2"])
+    assert run.pretrain(cfg2, resume="auto").global_step == 2 * first.global_step
+
+
+def test_launch_plan_states_effective_batch_and_lr():
+    cfg = load_config(
+        "demo",
+        [
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "trainer.accumulate_grad_batches=2",
+            "data.batch_size=32",
+            "optim.base_lr=1e-3",
+        ],
+    )
+    plan = run.launch_plan(cfg)
+    assert "effective batch 512 = 32 per device x 4 devices x 2 nodes x 2 accumulation" in plan
+    assert "lr 0.002 = base_lr 0.001 x 512 / 256" in plan
+    assert run.planned_devices(load_config("demo", ["trainer.devices=0,1,3"])) == 3
+    assert run.planned_devices(load_config("demo", ["trainer.devices=auto"])) == 1  # no GPU here
+
+
+def test_sync_batchnorm_without_gpu_is_refused(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "trainer.sync_batchnorm=true"])
+    with pytest.raises(ConfigError, match="sync_batchnorm=false"):
+        run.pretrain(cfg)
+
+
+def test_loader_benchmark_counts_images(tiny_overrides):
+    cfg = load_config("demo", tiny_overrides)
+    stats = run.benchmark_loader(cfg, batches=2, warmup=1)
+    assert stats["batches"] == 2 and stats["images"] == 16  # batch 8, warm-up batch not counted
+    assert stats["images_per_second"] > 0
+    with pytest.raises(ConfigError, match="warm-up"):
+        run.benchmark_loader(cfg, batches=3, warmup=100)
+
+
+def test_compiled_channels_last_run_trains_and_keeps_plain_keys(tiny_overrides):
+    cfg = load_config(
+        "demo", [*tiny_overrides, "trainer.compile=true", "trainer.channels_last=true"]
+    )
+    result = run.pretrain(cfg)
+    state = torch.load(result.last_checkpoint, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)  # in-place compile: checkpoints stay portable
+    module = run.module_from_checkpoint(result.last_checkpoint)  # loads into a plain module
+    assert all(torch.isfinite(p).all() for p in module.parameters())
