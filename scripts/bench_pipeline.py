@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import machine
 
 from heatssl import run
 from heatssl.config import load_config
@@ -138,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     """Measure, print and save the four throughputs."""
     args = parse_args(argv)
     report: dict[str, Any] = {
-        "machine": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "args": vars(args),
     }
     out = Path(args.out)

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from benchlib import machine
 
 from heatssl import evaluate, run
 from heatssl.config import load_config
@@ -106,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     """Pretrain and probe every variant; print and save the table."""
     args = parse_args(argv)
     report: dict[str, Any] = {
-        "machine": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "args": vars(args),
         "results": {},
     }
