@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
     p.add_argument("--out", default="bench_results/probe_quality.json")
     p.add_argument("--runs", default="bench_results/runs", help="run folders of the variants")
-    p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides for every run (a variant's own win)"
+    )
     args = p.parse_args(argv)
     args.custom_variants = {}
     for spec in args.custom:
@@ -85,8 +87,8 @@ def _cfg(args: argparse.Namespace, variant: str) -> Any:
         f"trainer.max_epochs={args.epochs}",
         f"probe.kinds=[{', '.join(args.kinds)}]",
         "trainer.progress_bar=false",
-        *_overrides(args, variant),
         *args.overrides,
+        *_overrides(args, variant),  # after the common overrides: a variant's own keys win
     ]
     return load_config("imagenette", overrides)
 
