@@ -11,6 +11,7 @@ import yaml
 from heatssl import evaluate, explain, run
 from heatssl.cam import METHODS
 from heatssl.config import Config, ConfigError, load_config
+from heatssl.pretrain import NonFiniteLossError
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"heatssl: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"heatssl: stopped: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ from heatssl.schedule import scaled_lr, warmup_cosine
 PICTURE_IMAGES = 8
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; raised before the optimiser step."""
+
+
 def _can_fuse(params: Any) -> bool:
     """Fused AdamW (one kernel for all tensors: ~7x faster on CPU) where every parameter allows it."""
     return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
@@ -102,6 +106,7 @@ class HeatPretrainModule(L.LightningModule):
             parts["train/heat"] = out.heat
         if out.commute is not None:
             parts["train/commute"] = out.commute
+        self._stop_if_not_finite(parts)
         self.log_dict(parts, prog_bar=False, sync_dist=False, batch_size=images.shape[0])
         self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=images.shape[0])
         if self.online is None:
@@ -112,6 +117,22 @@ class HeatPretrainModule(L.LightningModule):
         self.log("online/train_loss", online_loss, batch_size=images.shape[0])
         self.log("online/train_top1", self.online_train_acc, on_step=False, on_epoch=True)
         return out.loss + online_loss
+
+    def _stop_if_not_finite(self, parts: dict[str, Tensor]) -> None:
+        """Stop before a non-finite loss reaches the weights (on every process, if any has one)."""
+        bad = not bool(torch.isfinite(parts["train/loss"].detach()).item())
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        values = ", ".join(f"{k.split('/')[-1]}={float(v):.4g}" for k, v in parts.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {values}. "
+            f"The weights were not updated with it and the last checkpoint is the last good one. "
+            f"Fix: lower optim.base_lr (now {self.cfg.optim.base_lr:g}), keep "
+            f"trainer.gradient_clip_val set, or train in full precision "
+            f"(trainer.precision=32-true; now {self.cfg.trainer.precision}); then --resume."
+        )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Online-probe accuracy on val images' kept quarters (all four quadrants in turn)."""

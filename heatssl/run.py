@@ -79,8 +79,10 @@ def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
     return CSVLogger(save_dir=str(run_dir), name="", version="")
 
 
-def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
-    """A Lightning Trainer for ``cfg`` writing into ``run_dir``."""
+def build_trainer(
+    cfg: Config, run_dir: Path, callbacks: list[L.Callback] | None = None
+) -> L.Trainer:
+    """A Lightning Trainer for ``cfg`` writing into ``run_dir`` (plus any extra ``callbacks``)."""
     t = cfg.trainer
     on_gpu = t.accelerator in ("gpu", "cuda") or (
         t.accelerator == "auto" and torch.cuda.is_available()
@@ -91,7 +93,7 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
             f"without a GPU in use: torch's SyncBatchNorm only runs on GPUs. Set "
             f"trainer.sync_batchnorm=false (or train on GPUs)."
         )
-    callbacks: list[L.Callback] = [
+    trainer_callbacks: list[L.Callback] = [
         ModelCheckpoint(
             dirpath=checkpoint_dir(run_dir),
             filename="epoch{epoch:03d}",
@@ -103,7 +105,8 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
     ]
     logger = _logger(cfg, run_dir)
     if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        trainer_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer_callbacks += list(callbacks or [])
     return L.Trainer(
         default_root_dir=str(run_dir),
         max_epochs=t.max_epochs,
@@ -120,7 +123,7 @@ def build_trainer(cfg: Config, run_dir: Path) -> L.Trainer:
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         logger=logger,
-        callbacks=callbacks,
+        callbacks=trainer_callbacks,
     )
 
 
@@ -151,8 +154,13 @@ def resolve_resume(cfg: Config, resume: str | None) -> str | None:
     return str(path)
 
 
-def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
-    """Pretrain with QB-Heat as ``cfg`` says; write the run folder; return where things are."""
+def pretrain(
+    cfg: Config, resume: str | None = None, callbacks: list[L.Callback] | None = None
+) -> PretrainResult:
+    """Pretrain with QB-Heat as ``cfg`` says; write the run folder; return where things are.
+
+    ``callbacks`` are extra Lightning callbacks (monitors, custom logging) added to the Trainer.
+    """
     ckpt_path = resolve_resume(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)
@@ -161,7 +169,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> PretrainResult:
         datamodule.setup("fit")  # a missing or malformed dataset stops here, before anything runs
     classes = datamodule.num_classes if cfg.probe.online else None
     module = HeatPretrainModule(cfg, picture_dir=str(run_dir / "pictures"), num_classes=classes)
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "config.yaml")
         accumulate = cfg.trainer.accumulate_grad_batches

@@ -2,6 +2,7 @@
 
 import csv
 
+import lightning as L
 import pytest
 import timm
 import torch
@@ -10,6 +11,7 @@ from heatssl import run
 from heatssl.backbone import read_export_metadata
 from heatssl.config import ConfigError, load_config
 from heatssl.data import build_datamodule
+from heatssl.pretrain import NonFiniteLossError
 
 
 def test_pretrain_writes_a_complete_run_folder(tiny_overrides):
@@ -129,3 +131,28 @@ def test_compiled_channels_last_run_trains_and_keeps_plain_keys(tiny_overrides):
     assert not any("_orig_mod" in k for k in state)  # in-place compile: checkpoints stay portable
     module = run.module_from_checkpoint(result.last_checkpoint)  # loads into a plain module
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class _PoisonBatch(L.Callback):
+    """Turn the images of one training step into NaN (a real fault, injected from outside)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "trainer.max_epochs=3"])
+    steps_per_epoch = len(build_datamodule(cfg.data).train_dataset) // 8
+    bad_step = steps_per_epoch + 1  # the second step of the second epoch
+    with pytest.raises(NonFiniteLossError, match=f"step {bad_step} .*lower optim.base_lr"):
+        run.pretrain(cfg, callbacks=[_PoisonBatch(bad_step)])
+    last = torch.load(run.checkpoint_dir(cfg.run_dir) / "last.ckpt", weights_only=True)
+    assert last["global_step"] == steps_per_epoch  # the end of the first epoch: the last good one
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
+    assert not (run.checkpoint_dir(cfg.run_dir) / "epoch001.ckpt").exists()
