@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from heatssl.backbone import Backbone, export_backbone
+from heatssl.checkpoint_io import AtomicCheckpointIO
 from heatssl.config import Config, ConfigError, load_config, save_config
 from heatssl.data import build_datamodule, loader_throughput
 from heatssl.pretrain import HeatPretrainModule
@@ -124,6 +125,7 @@ def build_trainer(
         enable_progress_bar=t.progress_bar,
         logger=logger,
         callbacks=trainer_callbacks,
+        plugins=[AtomicCheckpointIO()],
     )
 
 

@@ -10,10 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.plugins.io.torch_plugin import TorchCheckpointIO
-
 import heatssl.pretrain
 import heatssl.run
+from heatssl.checkpoint_io import AtomicCheckpointIO
 from heatssl.cli import main
 
 
@@ -29,7 +28,7 @@ def _record(fn, path_arg: int):
     return wrapper
 
 
-TorchCheckpointIO.save_checkpoint = _record(TorchCheckpointIO.save_checkpoint, 2)
+AtomicCheckpointIO.save_checkpoint = _record(AtomicCheckpointIO.save_checkpoint, 2)
 heatssl.pretrain.save_figure = _record(heatssl.pretrain.save_figure, 1)
 heatssl.run.save_config = _record(heatssl.run.save_config, 1)
 
