@@ -1,4 +1,6 @@
-"""Checkpoint writing that a kill cannot corrupt: temporary file in the same folder, fsync, rename.
+"""Checkpoints on disk: written so a kill cannot corrupt them, read without running pickled code.
+
+Writing: temporary file in the same folder, fsync, rename.
 
 Lightning's own save goes through an fsspec transaction whose temporary file lives in the system temp
 folder; when that is another filesystem than the run folder (``/tmp`` on a node, runs on a shared
@@ -8,12 +10,57 @@ temporary file sits next to the target, so the last step is an atomic ``os.repla
 
 from __future__ import annotations
 
+import contextvars
 import os
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from heatssl.config import ConfigError
+
+_TRUST_PICKLE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_pickle", default=False)
+
+
+@contextmanager
+def trusted_checkpoints() -> Iterator[None]:
+    """Within this block, checkpoints that need full unpickling load (the CLI's --trust-checkpoint).
+
+    Unpickling can run code from the file: use it only for files whose origin you trust.
+    """
+    token = _TRUST_PICKLE.set(True)
+    try:
+        yield
+    finally:
+        _TRUST_PICKLE.reset(token)
+
+
+def pickle_trusted() -> bool:
+    """Whether the caller opted in to full unpickling (see :func:`trusted_checkpoints`)."""
+    return _TRUST_PICKLE.get()
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers only), on the CPU.
+
+    A file that needs more (pickled classes or functions) is refused with an explanation, unless
+    the caller is inside :func:`trusted_checkpoints`.
+    """
+    trusted = pickle_trusted()
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{path} holds pickled Python objects beyond tensors and plain containers; loading them "
+            f"would run code from the file, so heatssl refuses it ({first}). If you trust where "
+            f"the file comes from, pass --trust-checkpoint (in Python: `with "
+            f"heatssl.checkpoint_io.trusted_checkpoints(): ...`)."
+        ) from err
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

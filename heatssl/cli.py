@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import yaml
 
 from heatssl import evaluate, explain, run
 from heatssl.cam import METHODS
+from heatssl.checkpoint_io import trusted_checkpoints
 from heatssl.config import Config, ConfigError, load_config
 from heatssl.pretrain import NonFiniteLossError
 
@@ -84,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the whole chain on the embedded digits data, on CPU, in minutes"
     )
     _add_config_args(p, default="demo")
+    for name, subparser in sub.choices.items():
+        if name != "demo":  # the commands that may read a checkpoint
+            subparser.add_argument(
+                "--trust-checkpoint",
+                action="store_true",
+                help="load checkpoints that need full unpickling (can run code: trusted files only)",
+            )
     return parser
 
 
@@ -182,45 +191,50 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    trust = trusted_checkpoints() if getattr(args, "trust_checkpoint", False) else nullcontext()
     try:
-        if args.command == "export":
-            print(f"heatssl: backbone written to {run.export(args.checkpoint, args.out)}")
-            return 0
-        if args.command == "probe":
-            return _probe(args)
-        if args.command == "heatmaps":
-            return _heatmaps(args)
-        if args.command == "reconstruct":
-            out = args.out or Path(args.checkpoint).resolve().parent.parent / "reconstruction.png"
-            path = explain.run_reconstruction(args.checkpoint, out, args.split, args.num)
-            print(f"heatssl: reconstruction figure written to {path}")
-            return 0
-        cfg = _config(args)
-        if args.print_config:
-            print(f"# {run.launch_plan(cfg)}")
-            _print_config(cfg)
-            return 0
-        if args.command == "pretrain" and args.benchmark_loader is not None:
-            stats = run.benchmark_loader(cfg, args.benchmark_loader)
-            print(
-                f"heatssl: input pipeline {stats['images_per_second']:.0f} images/s "
-                f"({stats['images']} images in {stats['seconds']:.1f} s, batch "
-                f"{stats['batch_size']}, {stats['num_workers']} workers)"
-            )
-            return 0
-        if args.command == "pretrain":
-            result = run.pretrain(cfg, resume=args.resume)
-            print(
-                f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}"
-            )
-            return 0
-        return _demo(cfg)
+        with trust:
+            return _dispatch(args)
     except ConfigError as err:
         print(f"heatssl: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"heatssl: stopped: {err}", file=sys.stderr)
         return 3
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand."""
+    if args.command == "export":
+        print(f"heatssl: backbone written to {run.export(args.checkpoint, args.out)}")
+        return 0
+    if args.command == "probe":
+        return _probe(args)
+    if args.command == "heatmaps":
+        return _heatmaps(args)
+    if args.command == "reconstruct":
+        out = args.out or Path(args.checkpoint).resolve().parent.parent / "reconstruction.png"
+        path = explain.run_reconstruction(args.checkpoint, out, args.split, args.num)
+        print(f"heatssl: reconstruction figure written to {path}")
+        return 0
+    cfg = _config(args)
+    if args.print_config:
+        print(f"# {run.launch_plan(cfg)}")
+        _print_config(cfg)
+        return 0
+    if args.command == "pretrain" and args.benchmark_loader is not None:
+        stats = run.benchmark_loader(cfg, args.benchmark_loader)
+        print(
+            f"heatssl: input pipeline {stats['images_per_second']:.0f} images/s "
+            f"({stats['images']} images in {stats['seconds']:.1f} s, batch "
+            f"{stats['batch_size']}, {stats['num_workers']} workers)"
+        )
+        return 0
+    if args.command == "pretrain":
+        result = run.pretrain(cfg, resume=args.resume)
+        print(f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}")
+        return 0
+    return _demo(cfg)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from heatssl.backbone import Backbone, export_backbone
-from heatssl.checkpoint_io import AtomicCheckpointIO
+from heatssl.checkpoint_io import AtomicCheckpointIO, pickle_trusted, safe_torch_load
 from heatssl.config import Config, ConfigError, load_config, save_config
 from heatssl.data import build_datamodule, loader_throughput
 from heatssl.pretrain import HeatPretrainModule
@@ -183,7 +183,11 @@ def pretrain(
             f"{batch} / 256), run folder {run_dir}"
         )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if ckpt_path is not None:
+        safe_torch_load(ckpt_path)  # a checkpoint needing pickle stops here, with the reason
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_trusted()
+    )
     return PretrainResult(
         run_dir=run_dir,
         last_checkpoint=checkpoint_dir(run_dir) / "last.ckpt",
@@ -203,7 +207,7 @@ def benchmark_loader(cfg: Config, batches: int = 50, warmup: int = 5) -> dict[st
 
 def _read_checkpoint(path: str | Path) -> tuple[Config, dict, int | None]:
     """Config, state dict and class count of a pretraining checkpoint (loaded safely, weights only)."""
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    ckpt = safe_torch_load(path)
     try:
         hp = ckpt["hyper_parameters"]
         return load_config(hp["config"]), ckpt["state_dict"], hp.get("num_classes")

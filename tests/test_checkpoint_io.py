@@ -1,13 +1,23 @@
-"""Checkpoint writes survive a kill: the target path holds the old checkpoint or the new, never half."""
+"""Checkpoints on disk: a kill mid-write keeps the previous file; files needing pickle are refused."""
 
+import argparse
 import signal
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
-from heatssl.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from heatssl import run
+from heatssl.checkpoint_io import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    safe_torch_load,
+    trusted_checkpoints,
+)
+from heatssl.cli import main
+from heatssl.config import ConfigError, load_config
 
 # A child process writes a good checkpoint, then a second one whose write stalls halfway (the bytes
 # written so far are flushed to the file); the parent kills it there with SIGKILL.
@@ -60,3 +70,23 @@ def test_atomic_save_replaces_and_leaves_no_temporary_file(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
+
+
+def test_a_checkpoint_that_needs_pickle_is_refused_unless_trusted(tiny_overrides, capsys):
+    cfg = load_config("demo", tiny_overrides)
+    ckpt = run.pretrain(cfg).last_checkpoint
+    data = torch.load(ckpt, weights_only=True)
+    data["hyper_parameters"]["extra"] = argparse.Namespace(note="a pickled object")
+    torch.save(data, ckpt)
+
+    assert main(["export", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "pickled Python objects" in err and "--trust-checkpoint" in err
+    with pytest.raises(ConfigError, match="--trust-checkpoint"):
+        run.pretrain(cfg, resume="last")  # resuming reads the same file: refused too
+
+    assert main(["export", str(ckpt), "--trust-checkpoint"]) == 0  # the explicit opt-in
+    with trusted_checkpoints():
+        assert safe_torch_load(ckpt)["hyper_parameters"]["extra"].note == "a pickled object"
+    with pytest.raises(ConfigError):
+        safe_torch_load(ckpt)  # the opt-in ends with its block
