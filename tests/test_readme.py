@@ -1,6 +1,7 @@
 """The README stays true: its commands match CI, and every config key is documented."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 from heatssl.config import CONFIG_DIR, Config
@@ -32,3 +33,12 @@ def test_ci_runs_the_readme_test_command():
     ci_line = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in ln]
     assert len(ci_line) == 1
     assert f"\n{ci_line[0]}\n" in README
+
+
+def test_every_test_named_in_the_fault_matrix_exists():
+    section = README.split("## Faults", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", section)
+    assert len(named) >= 7
+    for path, name in named:
+        source = (ROOT / path).read_text()
+        assert f"def {name}(" in source, f"fault matrix names a missing test: {path}::{name}"
