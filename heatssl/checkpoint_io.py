@@ -44,15 +44,16 @@ def pickle_trusted() -> bool:
     return _TRUST_PICKLE.get()
 
 
-def safe_torch_load(path: str | Path) -> Any:
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` (tensors and plain containers only), on the CPU.
 
     A file that needs more (pickled classes or functions) is refused with an explanation, unless
-    the caller is inside :func:`trusted_checkpoints`.
+    the caller is inside :func:`trusted_checkpoints`. ``mmap=True`` maps the tensors instead of
+    reading them: a cheap check of a file that something else loads afterwards.
     """
     trusted = pickle_trusted()
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=not trusted)
+        return torch.load(str(path), map_location="cpu", weights_only=not trusted, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(

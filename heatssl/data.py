@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10, STL10, ImageFolder
 from torchvision.transforms import v2
+from tqdm.auto import tqdm
 
 from heatssl.config import ConfigError, DataConfig
 
@@ -379,8 +380,6 @@ def loader_throughput(
     ``warmup`` batches (worker start-up, first reads) are not timed. Compare the result with the
     training step's images/s: the pipeline must be faster, or the accelerator waits on it.
     """
-    from tqdm.auto import tqdm
-
     if batches <= 0 or warmup < 0:
         raise ConfigError(f"loader benchmark: batches={batches} must be > 0, warmup={warmup} >= 0.")
     images, timed, start = 0, 0, time.perf_counter()

@@ -184,7 +184,9 @@ def pretrain(
         )
     start = time.perf_counter()
     if ckpt_path is not None:
-        safe_torch_load(ckpt_path)  # a checkpoint needing pickle stops here, with the reason
+        # A checkpoint needing pickle stops here with the reason; mapped, so the tensors are not
+        # read twice (Lightning loads the file next).
+        safe_torch_load(ckpt_path, mmap=True)
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_trusted()
     )

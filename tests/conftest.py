@@ -3,11 +3,10 @@
 import pytest
 
 
-@pytest.fixture
-def tiny_overrides(tmp_path):
-    """Overrides that make any recipe a seconds-long CPU run writing into tmp_path."""
+def tiny_settings(run_dir) -> list[str]:
+    """Overrides that make any recipe a seconds-long CPU run writing into ``run_dir``."""
     return [
-        f"run_dir={tmp_path / 'run'}",
+        f"run_dir={run_dir}",
         "model.backbone=test_resnet",
         "model.output_stride=8",
         "data.name=synthetic",
@@ -20,3 +19,9 @@ def tiny_overrides(tmp_path):
         "trainer.progress_bar=false",
         "trainer.log_every_n_steps=1",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """:func:`tiny_settings` writing into the test's tmp_path."""
+    return tiny_settings(tmp_path / "run")

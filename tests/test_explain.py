@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import tiny_settings
 from PIL import Image
 
 from heatssl import evaluate, run
@@ -16,43 +17,24 @@ FAST = ["probe.epochs=3", "probe.tran1_epochs=1", "probe.batch_size=16"]
 def probed(tmp_path_factory):
     """A tiny pretrained checkpoint and its linear + tran-1 probe heads."""
     tmp = tmp_path_factory.mktemp("probed")
-    overrides = [
-        f"run_dir={tmp / 'run'}",
-        "model.backbone=test_resnet",
-        "model.output_stride=8",
-        "data.name=synthetic",
-        "data.synthetic_size=40",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "decoder.width=16",
-        "trainer.max_epochs=1",
-        "trainer.progress_bar=false",
-        "probe.kinds=[linear, tran1]",
-        *FAST,
-    ]
+    overrides = [*tiny_settings(tmp / "run"), "probe.kinds=[linear, tran1]", *FAST]
     cfg = load_config("demo", overrides)
     ckpt = run.pretrain(cfg).last_checkpoint
     probe = evaluate.probe(str(ckpt), cfg)
     return ckpt, probe.out_dir, overrides
 
 
+def _heatmaps_args(ckpt, probe_dir, *options) -> list[str]:
+    """``heatssl heatmaps CKPT --head <its linear head> OPTIONS``."""
+    return ["heatmaps", str(ckpt), "--head", str(probe_dir / "linear_head.safetensors"), *options]
+
+
 def test_heatmaps_cli_on_a_split(probed, tmp_path, capsys):
     ckpt, probe_dir, _ = probed
     out = tmp_path / "maps"
-    args = [
-        "heatmaps",
-        str(ckpt),
-        "--head",
-        str(probe_dir / "linear_head.safetensors"),
-        "--num",
-        "5",
-        "--method",
-        "cam",
-        "--method",
-        "gradcam++",
-        "-o",
-        str(out),
-    ]
+    args = _heatmaps_args(
+        ckpt, probe_dir, "--num", "5", "--method", "cam", "--method", "gradcam++", "-o", str(out)
+    )
     assert main(args) == 0
     assert "cam sheet" in capsys.readouterr().out
     for method in ("cam", "gradcampp"):
@@ -72,18 +54,7 @@ def test_heatmaps_on_an_image_folder_keep_each_size(probed, tmp_path, capsys):
     Image.new("L", (20, 40), 128).save(folder / "tall.jpg")
     (folder / "broken.jpg").write_text("x")
     out = tmp_path / "maps"
-    args = [
-        "heatmaps",
-        str(ckpt),
-        "--head",
-        str(probe_dir / "linear_head.safetensors"),
-        "--images",
-        str(folder),
-        "--target",
-        "3",
-        "-o",
-        str(out),
-    ]
+    args = _heatmaps_args(ckpt, probe_dir, "--images", str(folder), "--target", "3", "-o", str(out))
     with pytest.warns(UserWarning, match=r"broken\.jpg"):
         assert main(args) == 0
     assert Image.open(out / "cam" / "wide.png").size == (50, 30)
@@ -95,16 +66,7 @@ def test_bad_head_and_class(probed, tmp_path, capsys):
     ckpt, probe_dir, _ = probed
     with pytest.raises(ConfigError, match="CAMs need the linear probe head"):
         load_linear_head(probe_dir / "tran1_head.safetensors")
-    args = [
-        "heatmaps",
-        str(ckpt),
-        "--head",
-        str(probe_dir / "linear_head.safetensors"),
-        "--target",
-        "zebra",
-        "-o",
-        str(tmp_path / "m"),
-    ]
+    args = _heatmaps_args(ckpt, probe_dir, "--target", "zebra", "-o", str(tmp_path / "m"))
     assert main(args) == 2
     assert "'zebra' does not exist" in capsys.readouterr().err
 
