@@ -87,6 +87,7 @@ class DataConfig:
     crop_scale_min: float = 0.35
     val_fraction: float = 0.2  # digits / synthetic only: share held out for validation
     synthetic_size: int = 256  # synthetic only: number of images
+    on_bad_image: Literal["skip", "error"] = "skip"  # unreadable files: skip + report, or stop
 
 
 @dataclass
@@ -120,6 +121,8 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     picture_every_n_epochs: int = 1
     checkpoint_every_n_epochs: int = 1
+    checkpoint_every_n_steps: int = 0  # also refresh last.ckpt every N steps, mid-epoch (0: off)
+    checkpoint_every_n_minutes: float = 30.0  # and every N minutes of training (0: off)
     progress_bar: bool = True
     logger: Literal["csv", "tensorboard", "none"] = "csv"
 

@@ -21,16 +21,25 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10, STL10, ImageFolder
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from heatssl.config import ConfigError, DataConfig
+from heatssl.imageio import UnreadableImageError, read_image
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 SYNTHETIC_DATA_SEED = 1234  # fixed: the synthetic images never change, only the split follows seed
+MAX_CONSECUTIVE_BAD = 64  # a training sample walks this far for a readable file, then gives up
+PRECHECK_IMAGES = 32  # files read at setup: none readable -> stop before any training
+
+Batch = tuple[Tensor, Tensor, list[str]]  # images, labels, unreadable files met (``path: reason``)
+
+
+class BadImageError(ConfigError):
+    """An unreadable image with ``data.on_bad_image=error``, or a dataset with nothing readable."""
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -102,20 +111,158 @@ class ArrayImageDataset(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
-class TransformedSubset(Dataset):
-    """``indices`` of a dataset returning ``(PIL image, label)``, with its own transform."""
+def _bad_image_fix(reason: str) -> str:
+    return (
+        f"Unreadable image {reason}. With data.on_bad_image=error the first one stops the run. "
+        f"Fix: delete or re-save the file, or set data.on_bad_image=skip to skip unreadable files "
+        f"(they are counted and named at the end of every epoch)."
+    )
 
-    def __init__(self, base: Dataset, indices: np.ndarray, transform: Any) -> None:
-        self.base = base
-        self.indices = indices
+
+class ImageFiles(Dataset):
+    """``(path, label)`` files read robustly: every PIL mode becomes RGB, unreadable files are skipped.
+
+    Items are ``(image, label, skipped)`` where ``skipped`` lists the unreadable files met
+    (``path: reason``). With ``fill`` (training) an unreadable file's slot takes the next readable
+    file, so batches keep their size (BatchNorm, DDP and step counts stay as planned); without it
+    (evaluation, features) the item's image is ``None`` and :func:`collate_batch` drops it, so no
+    image is counted twice. ``on_bad="error"`` raises :class:`BadImageError` at the first one.
+    """
+
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform: Any,
+        on_bad: str = "skip",
+        fill: bool = True,
+    ) -> None:
+        if on_bad not in ("skip", "error"):
+            raise ConfigError(
+                f"data.on_bad_image={on_bad!r} is not allowed. Allowed values: 'skip', 'error'."
+            )
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
         self.transform = transform
+        self.on_bad = on_bad
+        self.fill = fill
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.base[int(self.indices[index])]
-        return self.transform(image), int(label)
+    def read(self, index: int) -> Image.Image:
+        """The RGB image of sample ``index``; :class:`UnreadableImageError` if it cannot be decoded."""
+        return read_image(self.samples[index][0])
+
+    def __getitem__(self, index: int) -> tuple[Any, int, list[str]]:
+        skipped: list[str] = []
+        for step in range(min(MAX_CONSECUTIVE_BAD, len(self.samples))):
+            j = (index + step) % len(self.samples)
+            try:
+                image = self.read(j)
+            except UnreadableImageError as err:
+                if self.on_bad == "error":
+                    raise BadImageError(_bad_image_fix(str(err))) from err
+                skipped.append(str(err))
+                if not self.fill:
+                    return None, self.samples[index][1], skipped
+                continue
+            image = self.transform(image) if self.transform else image
+            return image, self.samples[j][1], skipped
+        raise BadImageError(
+            f"{len(skipped)} unreadable image files in a row from {self.samples[index][0]} "
+            f"(last: {skipped[-1]}): the dataset looks broken. Check the files under that folder."
+        )
+
+
+def collate_batch(items: list[tuple[Any, ...]]) -> Batch:
+    """``(images [N, 3, S, S], labels [N], skipped files)`` from dataset items.
+
+    Items are ``(image, label)`` or ``(image, label, skipped)``; items whose image is ``None`` (an
+    unreadable file in an evaluation split) are left out, so ``N`` may be smaller than the batch,
+    even 0 (then ``images`` is an empty tensor).
+    """
+    images, labels, skipped = [], [], []
+    for item in items:
+        if len(item) > 2:
+            skipped.extend(item[2])
+        if item[0] is not None:
+            images.append(item[0])
+            labels.append(int(item[1]))
+    stacked = torch.stack(images) if images else torch.empty(0)
+    return stacked, torch.tensor(labels, dtype=torch.long), skipped
+
+
+def check_readable(dataset: Dataset, split: str) -> None:
+    """Stop at once when a split has no images, or none of up to ``PRECHECK_IMAGES`` can be read.
+
+    With ``on_bad="error"`` all those files are read and the first unreadable one stops the run
+    before training starts (later ones stop it when the loader meets them).
+    """
+    if not isinstance(dataset, ImageFiles):
+        return
+    if len(dataset) == 0:
+        raise ConfigError(f"The {split} split has no image files. Add images or fix data.root.")
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(PRECHECK_IMAGES, len(dataset))))
+    reasons, readable = [], 0
+    for index in picks.astype(int).tolist():
+        try:
+            dataset.read(index)
+        except UnreadableImageError as err:
+            if dataset.on_bad == "error":
+                raise BadImageError(_bad_image_fix(str(err))) from err
+            reasons.append(str(err))
+            continue
+        readable += 1
+        if dataset.on_bad != "error":
+            return  # one readable file is enough; "error" reads all picks to stop early
+    if readable:
+        return
+    which = "all" if len(picks) == len(dataset) else f"{len(picks)} spread over the"
+    raise BadImageError(
+        f"No readable image in the {split} split: {which} {len(dataset)} files tried are "
+        f"unreadable, e.g. {'; '.join(reasons[:3])}. Check the dataset (data.root)."
+    )
+
+
+class EpochSampler(Sampler[int]):
+    """This process's share of an epoch, in an order fixed by ``(seed, epoch)``, resumable mid-way.
+
+    Shuffled or in order; with ``world > 1`` process ``rank`` takes every ``world``-th index of the
+    (padded) order, like torch's DistributedSampler. Because the order depends only on the seed
+    and the epoch, a resumed run can skip exactly the batches it already trained on
+    (:meth:`skip_next`) and then see what an uninterrupted run would have seen.
+    """
+
+    def __init__(
+        self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1
+    ) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world = rank, world
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next pass follows (Lightning calls this every epoch)."""
+        self.epoch = epoch
+
+    def skip_next(self, samples: int) -> None:
+        """Leave out the first ``samples`` of the next pass only (resuming mid-epoch)."""
+        self._skip = samples
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world)
+
+    def __iter__(self):
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=gen).tolist()
+        else:
+            order = list(range(self.size))
+        total = len(self) * self.world
+        order = (order * (total // max(1, len(order)) + 1))[:total]  # pad by wrapping around
+        mine = order[self.rank :: self.world]
+        skip, self._skip = self._skip, 0
+        return iter(mine[skip:])
 
 
 class _FixedClassFolder(ImageFolder):
@@ -203,6 +350,7 @@ class HeatDataModule(L.LightningDataModule):
         self._train: Dataset | None = None
         self._val: Dataset | None = None
         self._class_names: list[str] = []
+        self._resume: dict[str, int] | None = None  # where a resumed run's first epoch starts
 
     # ----- datasets -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -259,22 +407,27 @@ class HeatDataModule(L.LightningDataModule):
         except FileNotFoundError as err:
             raise ConfigError(f"Cannot read {root / 'train'}: {err}. Expected {layout}.") from err
         self._class_names = list(full.classes)
+        on_bad = self.cfg.on_bad_image
         val_root = root / "val"
         if not val_root.is_dir():
             tr, va = stratified_split(np.array(full.targets), self.cfg.val_fraction, self.seed)
-            self._train = TransformedSubset(full, tr, train_tf)
-            self._val = TransformedSubset(full, va, val_tf)
-            return
-        val_classes = sorted(p.name for p in val_root.iterdir() if p.is_dir())
-        extra = [c for c in val_classes if c not in full.class_to_idx]
-        if extra:
-            raise ConfigError(
-                f"{val_root} has class folder(s) {extra} that {root / 'train'} lacks; labels would "
-                f"not match. Add them to train/ or remove them from val/."
-            )
-        full.transform = train_tf
-        self._train = full
-        self._val = _FixedClassFolder(val_root, full.classes, val_tf)
+            train_samples = [full.samples[i] for i in tr]
+            val_samples = [full.samples[i] for i in va]
+        else:
+            val_classes = sorted(p.name for p in val_root.iterdir() if p.is_dir())
+            extra = [c for c in val_classes if c not in full.class_to_idx]
+            if extra:
+                raise ConfigError(
+                    f"{val_root} has class folder(s) {extra} that {root / 'train'} lacks; labels "
+                    f"would not match. Add them to train/ or remove them from val/."
+                )
+            train_samples = full.samples
+            val_samples = _FixedClassFolder(val_root, full.classes, None).samples
+        self._train = ImageFiles(train_samples, train_tf, on_bad, fill=True)
+        self._val = ImageFiles(val_samples, val_tf, on_bad, fill=False)
+        check_readable(self._train, "train")
+        if len(self._val):
+            check_readable(self._val, "val")
 
     def _torchvision_split(self, train: bool, transform: Any) -> Dataset:
         """CIFAR10 or STL10 train/test split; torchvision errors become ConfigError."""
@@ -319,27 +472,54 @@ class HeatDataModule(L.LightningDataModule):
         """Number of classes (for probes and k-NN monitors)."""
         return len(self.class_names)
 
+    # ----- resuming mid-epoch ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: the epoch and how many of its batches were trained on."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = trainer.current_epoch
+        if done >= trainer.num_training_batches:  # an end-of-epoch checkpoint: next epoch, start
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restored by ``--resume`` before the loaders exist; the train loader starts there."""
+        self._resume = dict(state_dict) if state_dict else None
+
     # ----- loaders --------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.cfg.num_workers
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = EpochSampler(len(dataset), self.seed, shuffle=train, rank=rank, world=world)
+        if train and self._resume:
+            sampler.set_epoch(self._resume["epoch"])
+            sampler.skip_next(self._resume["batches_done"] * self.cfg.batch_size)
+            self._resume = None
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= self.cfg.batch_size,
+            sampler=sampler,
+            drop_last=train and len(sampler) >= self.cfg.batch_size,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=collate_batch,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, seeded; drops the last partial batch when there is at least one full one."""
+        """Shuffled in a (seed, epoch) order, this process's share; drops a last partial batch.
+
+        A resumed run's first epoch skips the batches its checkpoint had already trained on.
+        """
         return self._loader(self.train_dataset, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """In order, with the deterministic eval transform."""
+        """In order (this process's share), with the deterministic eval transform."""
         return self._loader(self.val_dataset, train=False)
 
     def feature_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
@@ -354,6 +534,8 @@ class HeatDataModule(L.LightningDataModule):
         if split == "train":
             dataset = copy.copy(self.train_dataset)  # same samples, own transform attribute
             dataset.transform = build_transform(self.cfg.image_size, train=False)
+            if isinstance(dataset, ImageFiles):
+                dataset.fill = False  # an unreadable file is left out, not replaced by a neighbour
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
@@ -362,6 +544,7 @@ class HeatDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_batch,
         )
 
 

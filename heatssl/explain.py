@@ -33,7 +33,7 @@ def dataset_images(cfg: Config, split: str, num: int) -> tuple[LoadedImages, lis
     """The first ``num`` images of a dataset split, their true class names, and all class names."""
     data = build_datamodule(cfg.data, seed=cfg.seed)
     inputs, labels = [], []
-    for x, y in data.feature_dataloader(split, batch_size=min(num, 64)):
+    for x, y, _ in data.feature_dataloader(split, batch_size=min(num, 64)):
         inputs.append(x)
         labels.append(y)
         if sum(len(t) for t in inputs) >= num:

@@ -8,6 +8,7 @@ probe costs a fraction of one pass through the backbone.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,14 +57,24 @@ def extract(
     """Run the frozen ``backbone`` once over ``loader``; keep the grids (float16, CPU)."""
     was_training = backbone.training
     backbone.eval()
-    grids, labels = [], []
+    grids, labels, skipped = [], [], []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        images, targets = batch[0], batch[1]
+        if len(batch) > 2:
+            skipped.extend(batch[2])  # unreadable files, left out of the batch by the loader
+        if images.shape[0] == 0:
+            continue
         with autocast:
             grid = backbone(images.to(device, non_blocking=True))
         grids.append(grid.to("cpu", torch.float16))
         labels.append(torch.as_tensor(targets, dtype=torch.long))
     backbone.train(was_training)
+    if skipped:
+        warnings.warn(
+            f"{desc}: left out {len(skipped)} unreadable image file(s): {'; '.join(skipped[:10])}",
+            stacklevel=2,
+        )
     if not grids:
         raise ConfigError(f"No images to extract {desc} from: the dataset split is empty.")
     return FeatureSet(torch.cat(grids), torch.cat(labels))

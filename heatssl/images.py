@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from heatssl.data import IMAGENET_MEAN, IMAGENET_STD
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from heatssl.imageio import IMAGE_SUFFIXES, UnreadableImageError, read_image, to_rgb
 
 
 @dataclass
@@ -24,20 +23,6 @@ class LoadedImages:
     originals: list[np.ndarray]  # each (H, W, 3) float32 in [0, 1]
     names: list[str]
     skipped: list[str] = field(default_factory=list)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for any PIL mode: grey, 16-bit, palette (with transparency), RGBA (on white), CMYK."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float32)
-        arr = 255.0 * (arr - arr.min()) / max(1.0, float(arr.max() - arr.min()))
-        image = Image.fromarray(arr.astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA"):
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -66,11 +51,9 @@ def load_images(paths: list[Path], size: int) -> LoadedImages:
     inputs, originals, names, skipped = [], [], [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.load()
-                x, original = prepare(image, size)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            skipped.append(f"{path} ({type(err).__name__})")
+            x, original = prepare(read_image(path), size)
+        except UnreadableImageError as err:
+            skipped.append(f"{path} ({str(err).removeprefix(f'{path}: ')})")
             continue
         inputs.append(x)
         originals.append(original)

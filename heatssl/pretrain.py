@@ -16,8 +16,9 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from heatssl.backbone import build_backbone
+from heatssl.checkpoint_io import restore_rng, rng_state
 from heatssl.config import Config, load_config
-from heatssl.data import denormalize
+from heatssl.data import Batch, denormalize
 from heatssl.figures import figure_to_tensor, reconstruction_figure, save_figure
 from heatssl.heat import crop_quadrant, quadrant_mask
 from heatssl.probe import LinearHead
@@ -94,7 +95,7 @@ class HeatPretrainModule(L.LightningModule):
         """The peak lr: base_lr x effective batch / 256 (MAE's scaling rule)."""
         return scaled_lr(self.cfg.optim.base_lr, self.effective_batch_size())
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images = batch[0]
         if self.cfg.trainer.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -125,7 +126,7 @@ class HeatPretrainModule(L.LightningModule):
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
-        values = ", ".join(f"{k.split('/')[-1]}={float(v):.4g}" for k, v in parts.items())
+        values = ", ".join(f"{k.split('/')[-1]}={float(v.detach()):.4g}" for k, v in parts.items())
         raise NonFiniteLossError(
             f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {values}. "
             f"The weights were not updated with it and the last checkpoint is the last good one. "
@@ -134,11 +135,22 @@ class HeatPretrainModule(L.LightningModule):
             f"(trainer.precision=32-true; now {self.cfg.trainer.precision}); then --resume."
         )
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the random generators, so a resumed run draws what an unbroken one would."""
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random generators of a checkpoint (older checkpoints have none)."""
+        if "rng_state" in checkpoint and self._trainer is not None:
+            restore_rng(checkpoint["rng_state"])
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Online-probe accuracy on val images' kept quarters (all four quadrants in turn)."""
         if self.online is None:
             return
-        images, labels = batch
+        images, labels = batch[0], batch[1]
+        if images.shape[0] == 0:  # every file of this batch was unreadable (and reported)
+            return
         q = torch.arange(images.shape[0], device=images.device) % 4
         pooled = self.backbone(crop_quadrant(images, q)).float().mean(dim=(-2, -1))
         self.online_val_acc(self.online(pooled), labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from heatssl.backbone import Backbone, export_backbone
+from heatssl.bad_images import BadImageReport
 from heatssl.checkpoint_io import AtomicCheckpointIO, pickle_trusted, safe_torch_load
 from heatssl.config import Config, ConfigError, load_config, save_config
 from heatssl.data import build_datamodule, loader_throughput
@@ -94,6 +96,12 @@ def build_trainer(
             f"without a GPU in use: torch's SyncBatchNorm only runs on GPUs. Set "
             f"trainer.sync_batchnorm=false (or train on GPUs)."
         )
+    if t.checkpoint_every_n_steps < 0 or t.checkpoint_every_n_minutes < 0:
+        raise ConfigError(
+            f"trainer.checkpoint_every_n_steps={t.checkpoint_every_n_steps} and "
+            f"trainer.checkpoint_every_n_minutes={t.checkpoint_every_n_minutes} must be >= 0 "
+            f"(0 turns that trigger off)."
+        )
     trainer_callbacks: list[L.Callback] = [
         ModelCheckpoint(
             dirpath=checkpoint_dir(run_dir),
@@ -102,8 +110,31 @@ def build_trainer(
             every_n_epochs=max(1, t.checkpoint_every_n_epochs),
             save_top_k=-1,
             save_last=True,
-        )
+            enable_version_counter=False,  # every trigger below refreshes the same last.ckpt
+        ),
+        BadImageReport(run_dir / "bad_images.txt"),
     ]
+    # Mid-epoch: only last.ckpt is refreshed (save_top_k=0), so --resume loses at most that much.
+    if t.checkpoint_every_n_steps:
+        trainer_callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoint_dir(run_dir),
+                every_n_train_steps=t.checkpoint_every_n_steps,
+                save_top_k=0,
+                save_last=True,
+                enable_version_counter=False,
+            )
+        )
+    if t.checkpoint_every_n_minutes:
+        trainer_callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoint_dir(run_dir),
+                train_time_interval=timedelta(minutes=t.checkpoint_every_n_minutes),
+                save_top_k=0,
+                save_last=True,
+                enable_version_counter=False,
+            )
+        )
     logger = _logger(cfg, run_dir)
     if logger:
         trainer_callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -126,6 +157,7 @@ def build_trainer(
         logger=logger,
         callbacks=trainer_callbacks,
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # the data module shards itself (resumable mid-epoch)
     )
 
 

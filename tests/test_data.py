@@ -25,7 +25,8 @@ HIGH = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)
 
 
 def _check_batch(batch, batch_size: int, image_size: int, num_classes: int = 10) -> None:
-    images, labels = batch
+    images, labels, skipped = batch
+    assert skipped == []
     assert images.shape == (batch_size, 3, image_size, image_size)
     assert images.dtype == torch.float32
     assert labels.dtype == torch.int64 and labels.shape == (batch_size,)
@@ -73,15 +74,15 @@ def test_shuffle_order_follows_seed() -> None:
 
     def first_labels(seed: int) -> torch.Tensor:
         dm = HeatDataModule(cfg, seed=seed)
-        return torch.cat([labels for _, labels in dm.train_dataloader()])
+        return torch.cat([labels for _, labels, _ in dm.train_dataloader()])
 
     assert torch.equal(first_labels(0), first_labels(0))
     assert not torch.equal(first_labels(0), first_labels(1))
 
 
 def test_val_loader_deterministic_and_unshuffled(digits: HeatDataModule) -> None:
-    x1, y1 = next(iter(digits.val_dataloader()))
-    x2, y2 = next(iter(digits.val_dataloader()))
+    x1, y1, _ = next(iter(digits.val_dataloader()))
+    x2, y2, _ = next(iter(digits.val_dataloader()))
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert torch.equal(y1, torch.as_tensor(digits.val_dataset.labels[:16]))
 
@@ -179,7 +180,7 @@ def test_imagefolder_val_folder_keeps_train_labels(tmp_path: Path) -> None:
     _write_images(tmp_path / "val" / "dog", ["grey.png", "rgba.png", "photo.jpg"])
     dm = build_datamodule(_imagefolder_cfg(tmp_path))
     assert len(dm.train_dataset) == 4 and len(dm.val_dataset) == 3
-    images, labels = next(iter(dm.val_dataloader()))
+    images, labels, _ = next(iter(dm.val_dataloader()))
     assert images.shape == (3, 3, 16, 16)
     assert labels.tolist() == [1, 1, 1]  # "dog" is class 1 in train, not 0
 

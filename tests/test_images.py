@@ -1,41 +1,21 @@
 """Image files for heat maps: every PIL mode converted, unreadable files skipped and named."""
 
-import numpy as np
 import pytest
+from conftest import ODD_READABLE, UNREADABLE, write_odd_and_bad_images
 from PIL import Image
 
 from heatssl.images import image_files, load_images, to_rgb
 
 
-def _write_mixed(folder):
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
-    Image.fromarray(rng.integers(0, 255, (9, 7), dtype=np.uint8)).save(folder / "grey.png")
-    Image.fromarray(rng.integers(0, 255, (12, 12, 4), dtype=np.uint8), "RGBA").save(
-        folder / "rgba.png"
-    )
-    Image.new("CMYK", (10, 14), (10, 20, 30, 40)).save(folder / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 65535, (8, 8), dtype=np.uint16)).save(folder / "deep.png")
-    pal = Image.new("P", (6, 6))
-    pal.putpalette([0, 0, 0, 255, 0, 0] * 128)
-    pal.info["transparency"] = 0
-    pal.save(folder / "palette.png")
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "text.jpg").write_text("not an image")
-    good = (folder / "rgb.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    (folder / "notes.txt").write_text("ignored: not an image suffix")
-
-
 def test_every_mode_becomes_rgb_and_bad_files_are_named(tmp_path):
-    _write_mixed(tmp_path)
+    write_odd_and_bad_images(tmp_path)
     paths = image_files(tmp_path)
     assert "notes" not in {p.stem for p in paths}
     with pytest.warns(UserWarning, match="Skipped") as record:
         loaded = load_images(paths, size=32)
     message = str(record[0].message)
     assert "empty.jpg" in message and "text.jpg" in message
-    assert {"rgb", "grey", "rgba", "cmyk", "deep", "palette"} <= set(loaded.names)
+    assert set(ODD_READABLE) == set(loaded.names)
     assert loaded.inputs.shape[1:] == (3, 32, 32)
     assert len(loaded.inputs) == len(loaded.originals) == len(loaded.names)
     by_name = dict(zip(loaded.names, loaded.originals, strict=True))
@@ -43,7 +23,7 @@ def test_every_mode_becomes_rgb_and_bad_files_are_named(tmp_path):
     assert by_name["grey"].shape == (9, 7, 3)
     assert all(o.min() >= 0 and o.max() <= 1 for o in loaded.originals)
     skipped = sorted(s.split(" (")[0].rsplit("/", 1)[-1] for s in loaded.skipped)
-    assert skipped == ["empty.jpg", "text.jpg", "truncated.jpg"]
+    assert skipped == UNREADABLE
 
 
 def test_transparency_is_composited_on_white():

@@ -1,14 +1,22 @@
 """Run folders: pretraining end to end, resume, export from a checkpoint."""
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import lightning as L
 import pytest
 import timm
 import torch
+from conftest import tiny_settings
 
 from heatssl import run
 from heatssl.backbone import read_export_metadata
+from heatssl.checkpoint_io import safe_torch_load
 from heatssl.config import ConfigError, load_config
 from heatssl.data import build_datamodule
 from heatssl.pretrain import NonFiniteLossError
@@ -156,3 +164,64 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_overrides
         torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
     )
     assert not (run.checkpoint_dir(cfg.run_dir) / "epoch001.ckpt").exists()
+
+
+def _step_log(path):
+    """``{global step: checksum}`` from a kill_entry step log."""
+    lines = path.read_text().split() if path.exists() else []
+    return {int(s): float(c) for s, c in zip(lines[::2], lines[1::2], strict=True)}
+
+
+def test_sigkill_mid_epoch_then_resume_trains_the_same_steps_on_the_same_data(tmp_path):
+    """A real SIGKILL in the middle of an epoch, then ``--resume last``: the resumed run ends at
+    the uninterrupted step count, trains the remaining steps on exactly the batches an unbroken
+    run sees (same order, mid-epoch skip), and ends with the same weights (RNG state restored)."""
+    entry = Path(__file__).with_name("kill_entry.py")
+    settings = [
+        *tiny_settings(tmp_path / "broken"),
+        "trainer.max_epochs=2",
+        "trainer.checkpoint_every_n_steps=1",
+        "data.augment=none",  # the transform draws no random numbers: checksums compare batches
+    ]  # 3 steps per epoch (24 train images, batch 8): step 4 is the middle of the second epoch
+
+    def cli(run_dir, log, hang=None):
+        env = {**os.environ, "HEATSSL_STEP_LOG": str(log), "PYTHONPATH": os.getcwd()}
+        if hang is not None:
+            env["HEATSSL_HANG_AT_STEP"] = str(hang)
+        overrides = [s for s in settings if not s.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+        return [sys.executable, str(entry), "pretrain", "-c", "demo", *overrides], env
+
+    ref_cmd, ref_env = cli(tmp_path / "ref", tmp_path / "ref.log")
+    subprocess.run(ref_cmd, env=ref_env, check=True, capture_output=True, timeout=300)
+
+    cmd, env = cli(tmp_path / "broken", tmp_path / "broken.log", hang=4)
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = Path(f"{tmp_path / 'broken.log'}.hang")
+    deadline = time.monotonic() + 240
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the run never reached step 4"
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    last = tmp_path / "broken" / "checkpoints" / "last.ckpt"
+    assert safe_torch_load(last)["global_step"] == 4  # mid-epoch: 1 of epoch 1's 3 steps
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+
+    resume_cmd, resume_env = cli(tmp_path / "broken", tmp_path / "resumed.log")
+    subprocess.run(
+        [*resume_cmd, "--resume", "last"],
+        env=resume_env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    ref, before, after = (_step_log(tmp_path / f"{n}.log") for n in ("ref", "broken", "resumed"))
+    assert sorted(ref) == list(range(6)) and sorted(before) == list(range(4))
+    assert sorted(after) == [4, 5]  # only the steps the checkpoint lacked
+    assert {**before, **after} == pytest.approx(ref, rel=1e-9)  # the same batches, in order
+    final = safe_torch_load(last)
+    reference = safe_torch_load(tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == reference["global_step"] == 6
+    for key, value in reference["state_dict"].items():
+        assert torch.allclose(final["state_dict"][key].float(), value.float(), atol=1e-5), key
+    assert run.backbone_from_checkpoint(last) is not None  # the resumed result loads

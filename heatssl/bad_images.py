@@ -1,0 +1,79 @@
+"""The per-epoch report of unreadable image files that the data loaders skipped.
+
+Loaders put the files they could not read into each batch (its third element, ``path: reason``);
+this callback collects them over an epoch (from every process under DDP), prints how many and the
+first few at the end of the epoch, logs the count as ``data/skipped_images`` and appends every one
+to ``<run_dir>/bad_images.txt``, so a long run never hides a broken file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+
+REPORT_FIRST = 10  # files named in the printed report; the text file lists all
+
+
+class BadImageReport(L.Callback):
+    """Counts and names the unreadable files met in each epoch (training and validation)."""
+
+    def __init__(self, report_file: str | Path | None = None, first: int = REPORT_FIRST) -> None:
+        self.report_file = Path(report_file) if report_file else None
+        self.first = first
+        self._epoch: dict[str, None] = {}  # ordered set: a file met twice counts once
+        self.history: list[tuple[int, list[str]]] = []  # (epoch, files) of every epoch with some
+
+    def _collect(self, batch: Any) -> None:
+        if isinstance(batch, list | tuple) and len(batch) > 2 and isinstance(batch[2], list):
+            self._epoch.update(dict.fromkeys(batch[2]))
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._collect(batch)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect(batch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        files = list(self._epoch)
+        self._epoch = {}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[list[str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, files)
+            files = list(dict.fromkeys(f for part in gathered for f in part or []))
+        pl_module.log("data/skipped_images", float(len(files)), rank_zero_only=True)
+        if not files or not trainer.is_global_zero:
+            return
+        epoch = trainer.current_epoch
+        self.history.append((epoch, files))
+        shown = "\n  ".join(files[: self.first])
+        more = f"\n  ... and {len(files) - self.first} more" if len(files) > self.first else ""
+        where = f" (all listed in {self.report_file})" if self.report_file else ""
+        print(
+            f"heatssl: epoch {epoch}: skipped {len(files)} unreadable image file(s){where}:\n"
+            f"  {shown}{more}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.report_file is not None:
+            self.report_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.report_file.open("a") as f:
+                f.writelines(f"epoch {epoch}\t{line}\n" for line in files)
