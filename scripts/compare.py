@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench_results/compare.json")
     p.add_argument("--runs", default="bench_results/runs_compare")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other methods' results already in --out (re-run some methods only)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: train one method
     args = p.parse_args(argv)
     if args.minutes <= 0 or any(not 0 < f <= 1 for f in args.points):
@@ -485,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"machine": machine(), "args": vars(args), "results": {}}
+    if args.merge and out.is_file():
+        kept = json.loads(out.read_text())["results"]
+        report["results"] = {k: v for k, v in kept.items() if k not in args.methods}
     for name in args.methods:
         start = time.perf_counter()
         figures = run_method(args, name)
