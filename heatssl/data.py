@@ -1,10 +1,11 @@
 """Images for pretraining: datasets, SSL transforms and a Lightning data module.
 
-Every dataset yields ``(image, label)``: ``image`` a float32 ``[3, S, S]`` tensor normalised with
-ImageNet statistics (timm backbones expect them), ``label`` an int; batches are
-``(float32 [N, 3, S, S], int64 [N])``. Labels are never used for pretraining; they feed
-linear-probe and k-NN monitors. ``digits`` (scikit-learn, bundled) and ``synthetic`` need no
-files or network.
+Every dataset yields ``(image, label)`` (image folders add the unreadable files they met):
+``image`` a float32 ``[3, S, S]`` tensor normalised with ImageNet statistics (timm backbones expect
+them), ``label`` an int; batches are ``(float32 [N, 3, S, S], int64 [N], skipped)`` where
+``skipped`` lists unreadable files as ``path: reason`` (usually empty). Labels are never used for
+pretraining; they feed linear-probe and k-NN monitors. ``digits`` (scikit-learn, bundled) and
+``synthetic`` need no files or network.
 """
 
 from __future__ import annotations
