@@ -8,7 +8,6 @@ probe costs a fraction of one pass through the backbone.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from heatssl.config import ConfigError
+from heatssl.imageio import warn_unreadable
 
 
 @dataclass
@@ -70,11 +70,7 @@ def extract(
         grids.append(grid.to("cpu", torch.float16))
         labels.append(torch.as_tensor(targets, dtype=torch.long))
     backbone.train(was_training)
-    if skipped:
-        warnings.warn(
-            f"{desc}: left out {len(skipped)} unreadable image file(s): {'; '.join(skipped[:10])}",
-            stacklevel=2,
-        )
+    warn_unreadable(skipped, f"{desc}: left out")
     if not grids:
         raise ConfigError(f"No images to extract {desc} from: the dataset split is empty.")
     return FeatureSet(torch.cat(grids), torch.cat(labels))

@@ -58,3 +58,12 @@ def read_image(path: str | Path) -> Image.Image:
     except DECODE_ERRORS as err:
         reason = str(err) or type(err).__name__
         raise UnreadableImageError(f"{path}: {type(err).__name__}: {reason}") from err
+
+
+def warn_unreadable(skipped: list[str], what: str = "Skipped", first: int = 10) -> None:
+    """One warning naming how many files could not be read and the first ``first`` of them."""
+    if skipped:
+        import warnings
+
+        names = "; ".join(skipped[:first])
+        warnings.warn(f"{what} {len(skipped)} unreadable image file(s): {names}", stacklevel=3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,13 @@ from PIL import Image
 from torch import Tensor
 
 from heatssl.data import IMAGENET_MEAN, IMAGENET_STD
-from heatssl.imageio import IMAGE_SUFFIXES, UnreadableImageError, read_image, to_rgb
+from heatssl.imageio import (
+    IMAGE_SUFFIXES,
+    UnreadableImageError,
+    read_image,
+    to_rgb,
+    warn_unreadable,
+)
 
 
 @dataclass
@@ -58,11 +63,7 @@ def load_images(paths: list[Path], size: int) -> LoadedImages:
         inputs.append(x)
         originals.append(original)
         names.append(Path(path).stem)
-    if skipped:
-        warnings.warn(
-            f"Skipped {len(skipped)} unreadable image file(s): {'; '.join(skipped[:10])}",
-            stacklevel=2,
-        )
+    warn_unreadable(skipped)
     if not inputs:
         raise FileNotFoundError(f"None of the {len(paths)} image file(s) could be read.")
     return LoadedImages(torch.stack(inputs), originals, names, skipped)
