@@ -25,11 +25,6 @@ class BadImageReport(L.Callback):
         self.report_file = Path(report_file) if report_file else None
         self.first = first
         self._epoch: dict[str, None] = {}  # ordered set: a file met twice counts once
-        self.history: list[tuple[int, list[str]]] = []  # (epoch, files) of every epoch with some
-
-    def _collect(self, batch: Any) -> None:
-        if isinstance(batch, list | tuple) and len(batch) > 2 and isinstance(batch[2], list):
-            self._epoch.update(dict.fromkeys(batch[2]))
 
     def on_train_batch_end(
         self,
@@ -38,19 +33,13 @@ class BadImageReport(L.Callback):
         outputs: Any,
         batch: Any,
         batch_idx: int,
-    ) -> None:
-        self._collect(batch)
-
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._collect(batch)
+        """Note the unreadable files a batch carries (its third element)."""
+        if isinstance(batch, list | tuple) and len(batch) > 2 and isinstance(batch[2], list):
+            self._epoch.update(dict.fromkeys(batch[2]))
+
+    on_validation_batch_end = on_train_batch_end  # same signature plus dataloader_idx
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         files = list(self._epoch)
@@ -63,7 +52,6 @@ class BadImageReport(L.Callback):
         if not files or not trainer.is_global_zero:
             return
         epoch = trainer.current_epoch
-        self.history.append((epoch, files))
         shown = "\n  ".join(files[: self.first])
         more = f"\n  ... and {len(files) - self.first} more" if len(files) > self.first else ""
         where = f" (all listed in {self.report_file})" if self.report_file else ""

@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from heatssl.config import ConfigError, DataConfig
-from heatssl.imageio import UnreadableImageError, read_image
+from heatssl.imageio import UnreadableImageError, read_image, to_rgb
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -41,11 +41,6 @@ Batch = tuple[Tensor, Tensor, list[str]]  # images, labels, unreadable files met
 
 class BadImageError(ConfigError):
     """An unreadable image with ``data.on_bad_image=error``, or a dataset with nothing readable."""
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, RGBA, P, ...) to RGB; module-level so worker processes can pickle it."""
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def build_transform(
@@ -70,7 +65,7 @@ def build_transform(
         geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose(
         [
-            v2.Lambda(_to_rgb),
+            v2.Lambda(to_rgb),
             *geometry,
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
@@ -108,7 +103,7 @@ class ArrayImageDataset(Dataset):
         image = Image.fromarray(self.images[index])
         if image.size != (self.render_size, self.render_size):
             image = image.resize((self.render_size, self.render_size), Image.Resampling.BICUBIC)
-        image = _to_rgb(image)
+        image = to_rgb(image)
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
@@ -142,7 +137,6 @@ class ImageFiles(Dataset):
                 f"data.on_bad_image={on_bad!r} is not allowed. Allowed values: 'skip', 'error'."
             )
         self.samples = list(samples)
-        self.targets = [label for _, label in self.samples]
         self.transform = transform
         self.on_bad = on_bad
         self.fill = fill
@@ -193,14 +187,12 @@ def collate_batch(items: list[tuple[Any, ...]]) -> Batch:
     return stacked, torch.tensor(labels, dtype=torch.long), skipped
 
 
-def check_readable(dataset: Dataset, split: str) -> None:
+def check_readable(dataset: ImageFiles, split: str) -> None:
     """Stop at once when a split has no images, or none of up to ``PRECHECK_IMAGES`` can be read.
 
     With ``on_bad="error"`` all those files are read and the first unreadable one stops the run
     before training starts (later ones stop it when the loader meets them).
     """
-    if not isinstance(dataset, ImageFiles):
-        return
     if len(dataset) == 0:
         raise ConfigError(f"The {split} split has no image files. Add images or fix data.root.")
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(PRECHECK_IMAGES, len(dataset))))

@@ -115,26 +115,21 @@ def build_trainer(
         BadImageReport(run_dir / "bad_images.txt"),
     ]
     # Mid-epoch: only last.ckpt is refreshed (save_top_k=0), so --resume loses at most that much.
+    triggers = []  # Lightning takes one trigger per ModelCheckpoint
     if t.checkpoint_every_n_steps:
-        trainer_callbacks.append(
-            ModelCheckpoint(
-                dirpath=checkpoint_dir(run_dir),
-                every_n_train_steps=t.checkpoint_every_n_steps,
-                save_top_k=0,
-                save_last=True,
-                enable_version_counter=False,
-            )
-        )
+        triggers.append({"every_n_train_steps": t.checkpoint_every_n_steps})
     if t.checkpoint_every_n_minutes:
-        trainer_callbacks.append(
-            ModelCheckpoint(
-                dirpath=checkpoint_dir(run_dir),
-                train_time_interval=timedelta(minutes=t.checkpoint_every_n_minutes),
-                save_top_k=0,
-                save_last=True,
-                enable_version_counter=False,
-            )
+        triggers.append({"train_time_interval": timedelta(minutes=t.checkpoint_every_n_minutes)})
+    trainer_callbacks += [
+        ModelCheckpoint(
+            dirpath=checkpoint_dir(run_dir),
+            save_top_k=0,
+            save_last=True,
+            enable_version_counter=False,
+            **trigger,
         )
+        for trigger in triggers
+    ]
     logger = _logger(cfg, run_dir)
     if logger:
         trainer_callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -190,11 +190,14 @@ class SimCLR(Method):
         return self.criterion(z0, z1)
 
     def optimizer(self) -> torch.optim.Optimizer:
-        lr = 0.06 * self.batch_size / 128
-        return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        """SGD as in LightlySSL's benchmarks, over the trainable parameters only."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.SGD(
+            params, lr=0.06 * self.batch_size / 128, momentum=0.9, weight_decay=5e-4
+        )
 
 
-class MoCoV2(SimCLR):
+class MoCoV2(Method):
     """LightlySSL's MoCo-v2: momentum encoder, memory bank of 4096, temperature 0.1."""
 
     def __init__(self, backbone: Backbone) -> None:
@@ -204,7 +207,7 @@ class MoCoV2(SimCLR):
         from lightly.models.modules import MoCoProjectionHead
         from lightly.models.utils import deactivate_requires_grad
 
-        Method.__init__(self, backbone)
+        super().__init__(backbone)
         dim = backbone.num_features
         self.head = MoCoProjectionHead(dim, dim, 128)
         self.backbone_m = copy.deepcopy(backbone)
@@ -230,11 +233,7 @@ class MoCoV2(SimCLR):
             key = self.head_m(self.backbone_m.pooled(views[1]))
         return self.criterion(query, key)
 
-    def optimizer(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.SGD(
-            params, lr=0.06 * self.batch_size / 128, momentum=0.9, weight_decay=5e-4
-        )
+    optimizer = SimCLR.optimizer
 
 
 class MAE(Method):
