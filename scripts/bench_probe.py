@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--kinds", nargs="+", default=["linear", "tran1", "knn"])
     p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
+    p.add_argument(
+        "--probe-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="applies to probing only, e.g. data.image_size=64 to probe at 64 px a backbone "
+        "pretrained at 128 px (repeatable)",
+    )
     p.add_argument("--out", default="bench_results/probe_quality.json")
     p.add_argument("--runs", default="bench_results/runs", help="run folders of the variants")
     p.add_argument(
@@ -93,6 +101,13 @@ def _cfg(args: argparse.Namespace, variant: str) -> Any:
     return load_config("imagenette", overrides)
 
 
+def _probe_cfg(args: argparse.Namespace, cfg: Any) -> Any:
+    """The probe's config: the pretraining config plus ``--probe-override``."""
+    if not args.probe_override:
+        return cfg
+    return load_config(cfg.to_dict(), args.probe_override)
+
+
 def _probe_entry(result: evaluate.ProbeResult) -> dict[str, Any]:
     m = result.metrics
     entry = {k: m["probes"][k] for k in m["probes"]}
@@ -120,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_random:
         cfg = _cfg(args, "random_init")
         start = time.perf_counter()
-        result = evaluate.probe(cfg.model.backbone, cfg, Path(args.runs) / "random_init" / "probe")
+        result = evaluate.probe(
+            cfg.model.backbone, _probe_cfg(args, cfg), Path(args.runs) / "random_init" / "probe"
+        )
         report["results"]["random_init"] = {
             **_probe_entry(result),
             "pretrain_seconds": 0.0,
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _cfg(args, variant)
         start = time.perf_counter()
         pre = run.pretrain(cfg)
-        result = evaluate.probe(str(pre.last_checkpoint), cfg)
+        result = evaluate.probe(str(pre.last_checkpoint), _probe_cfg(args, cfg))
         report["results"][variant] = {
             **_probe_entry(result),
             "overrides": _overrides(args, variant),
