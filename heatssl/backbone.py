@@ -190,6 +190,26 @@ def build_backbone(model_cfg: Any, image_size: int, check_size: bool = True) -> 
     )
 
 
+def restride(backbone: Backbone, output_stride: int) -> Backbone:
+    """The same weights at another output stride (a CNN's late stages dilated, or not).
+
+    Dilation changes no weight, only how the late convolutions sample their input, so a backbone
+    pretrained at one stride can be evaluated at another: ``probe.output_stride``.
+    """
+    kwargs = dict(backbone.create_kwargs)
+    if kwargs.pop("output_stride", None) == output_stride:
+        return backbone
+    other = Backbone(
+        backbone.name,
+        stage=backbone.stage,
+        output_stride=output_stride,
+        check_size=False,
+        **kwargs,
+    )
+    other.model.load_state_dict(backbone.model.state_dict())
+    return other.train(backbone.training)
+
+
 def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     """Write the backbone as a safetensors file that plain timm loads.
 

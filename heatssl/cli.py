@@ -111,7 +111,9 @@ def _probe(args: argparse.Namespace) -> int:
     if args.print_config:
         _print_config(cfg)
         return 0
-    named = any(o.startswith("model.backbone=") for o in args.overrides)
+    named = {
+        o.split("=", 1)[0].removeprefix("model.") for o in args.overrides if o.startswith("model.")
+    }
     result = evaluate.probe(args.source, cfg, args.out, named=named)
     print((result.out_dir / "metrics.md").read_text())
     print(f"heatssl: probe heads, metrics.json and metrics.md in {result.out_dir}")

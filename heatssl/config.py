@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config value or key that cannot be used; the message says what is allowed and the fix."""
 
 
+OUTPUT_STRIDES = (None, 8, 16, 32)
+"""Values of ``model.output_stride`` and ``probe.output_stride`` (timm CNNs take 8, 16, 32)."""
+
+
 @dataclass
 class ModelConfig:
     """The timm backbone and which of its feature maps QB-Heat works on."""
@@ -144,6 +148,7 @@ class ProbeConfig:
     tran1_epochs: int = 30
     tran1_base_lr: float = 5e-4  # AdamW
     tran1_heads: int = 0  # 0: d / 64 (at least 1)
+    output_stride: int | None = None  # re-dilate the frozen CNN for evaluation (null: its own)
     knn_k: int = 20
     knn_temperature: float = 0.07
     online: bool = False  # online linear probe on the kept-quarter features during pretraining
@@ -339,6 +344,15 @@ def validate(cfg: Config) -> None:
             "data.name=imagefolder needs data.root: a folder with train/<class>/*.jpg "
             "(and optionally val/<class>/*.jpg). Set data.root=/path/to/dataset."
         )
+    for key, stride in (
+        ("model.output_stride", cfg.model.output_stride),
+        ("probe.output_stride", cfg.probe.output_stride),
+    ):
+        if stride not in OUTPUT_STRIDES:
+            raise ConfigError(
+                f"{key}={stride} is not allowed. Allowed values: null (the model's own), "
+                f"{', '.join(map(str, OUTPUT_STRIDES[1:]))}."
+            )
     for key in ("epochs", "batch_size", "tran1_epochs", "knn_k"):
         if getattr(cfg.probe, key) <= 0:
             raise ConfigError(f"probe.{key}={getattr(cfg.probe, key)} must be positive.")

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from heatssl.backbone import Backbone, build_backbone, load_exported_backbone, read_export_metadata
+from heatssl.backbone import (
+    Backbone,
+    build_backbone,
+    load_exported_backbone,
+    read_export_metadata,
+    restride,
+)
 from heatssl.config import Config, ConfigError, load_config, save_config
 from heatssl.data import build_datamodule
 from heatssl.features import FeatureCache, build_cache
@@ -50,19 +57,34 @@ def probe_config(source: str, config: str | None, overrides: list[str] | None) -
     return load_config(cfg_source, overrides)
 
 
-def _check_named_model(cfg: Config, found: str, source: str, named: bool) -> None:
-    if named and cfg.model.backbone != found:
+def _check_named_model(cfg: Config, found: str, source: str, named: Collection[str]) -> None:
+    if "backbone" in named and cfg.model.backbone != found:
         raise ConfigError(
             f"{source} holds a {found!r} backbone but the config names model.backbone="
             f"{cfg.model.backbone!r}. Drop the model.backbone setting or use a matching file."
         )
+    if "output_stride" in named:
+        raise ConfigError(
+            f"model.output_stride={cfg.model.output_stride} cannot change {source}: a trained "
+            f"backbone keeps the stride it was built with. To evaluate it at another stride set "
+            f"probe.output_stride={cfg.model.output_stride} instead."
+        )
 
 
-def resolve_backbone(source: str, cfg: Config, named: bool = False) -> Backbone:
+def resolve_backbone(source: str, cfg: Config, named: Collection[str] = ()) -> Backbone:
     """The frozen backbone to probe: trained weights from a file, or a random-init timm model.
 
-    ``named`` says the user named ``model.backbone`` explicitly: it must then match the file.
+    ``named`` lists the ``model.*`` keys the user set explicitly (``backbone``, ``output_stride``):
+    a file's backbone must match the name, and its stride is changed with ``probe.output_stride``
+    only. With ``probe.output_stride`` set, the backbone is re-dilated to it (same weights).
     """
+    backbone = _resolve(source, cfg, named)
+    if cfg.probe.output_stride is not None:
+        backbone = restride(backbone, cfg.probe.output_stride)
+    return backbone
+
+
+def _resolve(source: str, cfg: Config, named: Collection[str]) -> Backbone:
     kind = source_kind(source)
     size = cfg.data.image_size
     if kind == "checkpoint":
@@ -89,7 +111,7 @@ def probe(
     source: str,
     cfg: Config,
     out_dir: str | Path | None = None,
-    named: bool = False,
+    named: Collection[str] = (),
     title: str | None = None,
 ) -> ProbeResult:
     """Probe the backbone ``source`` on ``cfg.data`` with ``cfg.probe``; write the output folder."""
@@ -115,6 +137,7 @@ def probe(
             backbone=backbone.name,
             source=str(source),
             stage=backbone.stage,
+            output_stride=backbone.create_kwargs.get("output_stride"),
         )
     report = {
         "source": str(source),
@@ -123,6 +146,7 @@ def probe(
         "image_size": cfg.data.image_size,
         "train_images": len(cache.train),
         "val_images": len(cache.val),
+        "output_stride": backbone.create_kwargs.get("output_stride"),
         "feature_grid": list(cache.train.grids.shape[1:]),
         "extract_seconds": cache.seconds,
         "probes": metrics,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,15 +48,15 @@ def dataset_images(cfg: Config, split: str, num: int) -> tuple[LoadedImages, lis
     return LoadedImages(x, originals, names), [classes[i] for i in y], classes
 
 
-def load_linear_head(path: str | Path) -> tuple[LinearHead, list[str]]:
-    """The linear probe head saved by ``heatssl probe`` and its class names."""
+def load_linear_head(path: str | Path) -> tuple[LinearHead, dict[str, Any]]:
+    """The linear probe head saved by ``heatssl probe`` and its metadata (``class_names``, ...)."""
     head, info = load_head(path)
     if not isinstance(head, LinearHead):
         raise ConfigError(
             f"{path} is a {info['kind']} head; CAMs need the linear probe head "
             f"(linear_head.safetensors in the probe folder)."
         )
-    return head, list(info["class_names"])
+    return head, info
 
 
 def run_heatmaps(
@@ -69,7 +71,13 @@ def run_heatmaps(
     target: str | None = None,
 ) -> HeatmapRun:
     """Heat maps of ``source`` + its linear head over an image folder or a dataset split."""
-    head, class_names = load_linear_head(head_path)
+    head, info = load_linear_head(head_path)
+    class_names = list(info["class_names"])
+    if cfg.probe.output_stride is None and info.get("output_stride") is not None:
+        # the maps come from the backbone as it was probed (a head may be trained re-dilated)
+        cfg = dataclasses.replace(
+            cfg, probe=dataclasses.replace(cfg.probe, output_stride=info["output_stride"])
+        )
     backbone = resolve_backbone(source, cfg).to("cuda" if torch.cuda.is_available() else "cpu")
     truths: list[str] | None = None
     if images is not None:

@@ -11,6 +11,7 @@ from heatssl.backbone import (
     export_backbone,
     load_exported_backbone,
     read_export_metadata,
+    restride,
 )
 from heatssl.config import CONFIG_DIR, ConfigError, load_config
 
@@ -119,3 +120,22 @@ def test_every_recipe_fits_its_backbone(recipe):
         backbone = build_backbone(cfg.model, cfg.data.image_size)  # raises on a size misfit
     block = cfg.data.image_size // 2 // backbone.reduction
     assert block >= 2
+
+
+def test_restride_keeps_the_weights_and_refines_the_grid():
+    torch.manual_seed(0)
+    coarse = Backbone("test_resnet", output_stride=16).eval()
+    fine = restride(coarse, 8)
+    assert restride(coarse, 16) is coarse  # already at that stride
+    assert not fine.training and fine.create_kwargs["output_stride"] == 8
+    for key, value in coarse.model.state_dict().items():
+        assert torch.equal(value, fine.model.state_dict()[key]), key
+    x = torch.randn(2, 3, 32, 32)
+    assert coarse(x).shape[-2:] == (2, 2) and fine(x).shape[-2:] == (4, 4)
+    back = restride(fine, 16)
+    assert torch.allclose(back(x), coarse(x), atol=1e-6)  # same weights, same stride: same grid
+
+
+def test_restride_a_vit_is_refused():
+    with pytest.raises(ConfigError, match="output_stride"):
+        restride(Backbone("test_vit", image_size=64), 8)

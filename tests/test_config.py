@@ -43,6 +43,8 @@ def test_dict_source_round_trip():
         ("heat.heat_weight=-1", "must be >= 0"),
         ("data.name=imagefolder", "needs data.root"),
         ("trainer.max_epochs", "key=value"),
+        ("model.output_stride=12", "model.output_stride=12 is not allowed. Allowed values: null"),
+        ("probe.output_stride=4", "probe.output_stride=4 is not allowed.*8, 16, 32"),
     ],
 )
 def test_bad_values_are_refused_with_the_fix(override, needle):

@@ -7,6 +7,7 @@ import pytest
 from heatssl import evaluate, run
 from heatssl.cli import main
 from heatssl.config import ConfigError, load_config
+from heatssl.explain import run_heatmaps
 from heatssl.probe import load_head
 
 FAST_PROBE = ["probe.epochs=5", "probe.tran1_epochs=2", "probe.batch_size=16"]
@@ -52,7 +53,7 @@ def test_exported_source_and_model_mismatch(probe_overrides, tmp_path):
     assert result.metrics["backbone"] == "test_resnet"
     named = load_config("demo", [*probe_overrides, "model.backbone=resnet18"])
     with pytest.raises(ConfigError, match=r"holds a 'test_resnet' backbone.*resnet18"):
-        evaluate.probe(exported, named, tmp_path / "x", named=True)
+        evaluate.probe(exported, named, tmp_path / "x", named={"backbone"})
 
 
 def test_missing_backbone_file_is_refused():
@@ -70,3 +71,25 @@ def test_cli_probe(probe_overrides, tmp_path, capsys):
     bad = ["probe", "nowhere.safetensors", "-c", "demo", *probe_overrides]
     assert main(bad) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_probe_output_stride_redilates_a_checkpoint_and_heatmaps_follow(probe_overrides, tmp_path):
+    pretrained = run.pretrain(load_config("demo", probe_overrides))  # output_stride 8
+    ckpt = str(pretrained.last_checkpoint)
+    own = evaluate.probe(ckpt, evaluate.probe_config(ckpt, None, ["probe.kinds=[linear]"]))
+    assert own.metrics["output_stride"] == 8 and own.metrics["feature_grid"][1:] == [4, 4]
+    cfg = evaluate.probe_config(ckpt, None, ["probe.kinds=[linear]", "probe.output_stride=16"])
+    result = evaluate.probe(ckpt, cfg, tmp_path / "os16")
+    assert result.metrics["output_stride"] == 16 and result.metrics["feature_grid"][1:] == [2, 2]
+    head = tmp_path / "os16" / "linear_head.safetensors"
+    assert load_head(head)[1]["output_stride"] == 16
+    # heat maps of that head come from the backbone as it was probed: a 2 x 2 raw map at stride 16
+    maps = run_heatmaps(ckpt, head, load_config(cfg.to_dict()), tmp_path / "maps", ["cam"], num=2)
+    assert maps.results["cam"].raw.shape[-2:] == (2, 2)
+
+
+def test_model_output_stride_cannot_change_a_trained_backbone(probe_overrides, capsys):
+    ckpt = str(run.pretrain(load_config("demo", probe_overrides)).last_checkpoint)
+    assert main(["probe", ckpt, "model.output_stride=16"]) == 2
+    err = capsys.readouterr().err
+    assert "model.output_stride=16 cannot change" in err and "probe.output_stride=16" in err
