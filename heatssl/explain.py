@@ -48,8 +48,14 @@ def dataset_images(cfg: Config, split: str, num: int) -> tuple[LoadedImages, lis
     return LoadedImages(x, originals, names), [classes[i] for i in y], classes
 
 
-def load_linear_head(path: str | Path) -> tuple[LinearHead, dict[str, Any]]:
-    """The linear probe head saved by ``heatssl probe`` and its metadata (``class_names``, ...)."""
+def load_linear_head(path: str | Path) -> tuple[LinearHead, list[str]]:
+    """The linear probe head saved by ``heatssl probe`` and its class names."""
+    head, info = _linear_head(path)
+    return head, list(info["class_names"])
+
+
+def _linear_head(path: str | Path) -> tuple[LinearHead, dict[str, Any]]:
+    """The linear probe head and all its metadata; refuses other heads."""
     head, info = load_head(path)
     if not isinstance(head, LinearHead):
         raise ConfigError(
@@ -71,7 +77,7 @@ def run_heatmaps(
     target: str | None = None,
 ) -> HeatmapRun:
     """Heat maps of ``source`` + its linear head over an image folder or a dataset split."""
-    head, info = load_linear_head(head_path)
+    head, info = _linear_head(head_path)
     class_names = list(info["class_names"])
     if cfg.probe.output_stride is None and info.get("output_stride") is not None:
         # the maps come from the backbone as it was probed (a head may be trained re-dilated)

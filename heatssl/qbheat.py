@@ -71,7 +71,7 @@ class QBHeat(nn.Module):
         backbone: The encoder of the kept quarter block.
         predictor: ``heat`` (learned A, B), ``copy`` (A = B = 0, frozen) or ``mask_token``
             (MAE-style baseline: one learned feature in the masked quadrants).
-        step: Heat step rule, ``euler`` or ``normalized``.
+        step: Heat step rule, ``normalized`` (default, chosen by the README's ablation) or ``euler``.
         init: Initial A and B, ``zeros`` or ``random``.
         quadrant: ``random`` (per sample) or a fixed quadrant name.
         heat_weight: Weight of the heat residual loss on the encoder's own block grid.
@@ -87,7 +87,7 @@ class QBHeat(nn.Module):
         self,
         backbone: Backbone,
         predictor: str = "heat",
-        step: str = "euler",
+        step: str = "normalized",
         init: str = "zeros",
         quadrant: str = "random",
         heat_weight: float = 0.1,

@@ -4,7 +4,7 @@ What it measures, per model (resnet18 at 64 px with ``output_stride=16``; vit_ti
 64 px; and, for context, resnet18 at 128 px where no dilation is needed), in one process and at the
 same batch and image size:
 
-* ``qbheat``: a real QB-Heat training step (``QBHeat`` default arguments, ``heat_weight=0.1``):
+* ``qbheat``: a real QB-Heat training step (``QBHeat`` defaults, ``heat_weight=0.1``, ``--step``):
   forward on the full images (the encoder sees one quarter block), ``loss.backward()``, AdamW
   ``step()``, ``zero_grad()``.
 * ``qbheat_noheat``: the same step with ``heat_weight=0`` (no heat residual loss); the heat residual
@@ -28,7 +28,7 @@ Usage::
 
     python scripts/bench_speed.py            # defaults: batch 32, 60 timed steps, 2 threads
     python scripts/bench_speed.py --out bench_results/speed.json --batch 32 --steps 60 \\
-        --warmup 3 --threads 2 [--round 3] [--skip-demo] [--unfused-adamw]
+        --warmup 3 --threads 2 [--round 3] [--step euler] [--skip-demo] [--unfused-adamw]
 
 It prints a table and writes the JSON (machine info, settings, per-step times, img/s, ratios,
 pass/fail) to ``--out``.
@@ -189,8 +189,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
     backbones = {v: spec.build() for v in VARIANTS}
-    qb_heat = QBHeat(backbones["qbheat"], heat_weight=0.1).train()
-    qb_noheat = QBHeat(backbones["qbheat_noheat"], heat_weight=0.0).train()
+    qb_heat = QBHeat(backbones["qbheat"], step=args.step, heat_weight=0.1).train()
+    qb_noheat = QBHeat(backbones["qbheat_noheat"], step=args.step, heat_weight=0.0).train()
     full = backbones["full_image"].train()
     steps: dict[str, Callable[[], float]] = {
         "qbheat": qbheat_step_fn(qb_heat, images, args.fused_adamw),
@@ -244,7 +244,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
             "reduction": backbones["full_image"].reduction,
             "block_grid": list(block_grid),
             "full_grid": list(full_grid),
-            "qbheat_kwargs": "QBHeat defaults except heat_weight (0.1 / 0.0)",
+            "qbheat_kwargs": f"QBHeat defaults except step={args.step}, heat_weight 0.1 / 0.0",
             "params": {
                 "backbone": count_params(full),
                 "qbheat_total": count_params(qb_heat),
@@ -406,6 +406,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="fused_adamw",
         action="store_false",
         help="torch's default AdamW instead of fused=True (heatssl.pretrain uses fused)",
+    )
+    p.add_argument(
+        "--step",
+        choices=["normalized", "euler"],
+        default="normalized",
+        help="heat step rule of the QB-Heat variants (default: the package default)",
     )
     p.add_argument("--skip-demo", action="store_true", help="do not run `heatssl demo`")
     p.add_argument("--demo-timeout", type=float, default=600.0, help="kill the demo after this")
