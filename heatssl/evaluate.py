@@ -63,11 +63,15 @@ def _check_named_model(cfg: Config, found: str, source: str, named: Collection[s
             f"{source} holds a {found!r} backbone but the config names model.backbone="
             f"{cfg.model.backbone!r}. Drop the model.backbone setting or use a matching file."
         )
-    if "output_stride" in named:
+
+
+def _check_named_stride(cfg: Config, loaded: Backbone, source: str, named: Collection[str]) -> None:
+    stride = loaded.create_kwargs.get("output_stride")
+    if "output_stride" in named and cfg.model.output_stride != stride:
         raise ConfigError(
             f"model.output_stride={cfg.model.output_stride} cannot change {source}: a trained "
-            f"backbone keeps the stride it was built with. To evaluate it at another stride set "
-            f"probe.output_stride={cfg.model.output_stride} instead."
+            f"backbone keeps the stride it was built with ({stride}). To evaluate it at another "
+            f"stride set probe.output_stride={cfg.model.output_stride} instead."
         )
 
 
@@ -79,6 +83,8 @@ def resolve_backbone(source: str, cfg: Config, named: Collection[str] = ()) -> B
     only. With ``probe.output_stride`` set, the backbone is re-dilated to it (same weights).
     """
     backbone = _resolve(source, cfg, named)
+    if source_kind(source) != "timm":
+        _check_named_stride(cfg, backbone, source, named)
     if cfg.probe.output_stride is not None:
         backbone = restride(backbone, cfg.probe.output_stride)
     return backbone

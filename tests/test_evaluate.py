@@ -89,7 +89,9 @@ def test_probe_output_stride_redilates_a_checkpoint_and_heatmaps_follow(probe_ov
 
 
 def test_model_output_stride_cannot_change_a_trained_backbone(probe_overrides, capsys):
-    ckpt = str(run.pretrain(load_config("demo", probe_overrides)).last_checkpoint)
+    ckpt = str(run.pretrain(load_config("demo", probe_overrides)).last_checkpoint)  # stride 8
+    assert main(["probe", ckpt, "model.output_stride=8", "probe.kinds=[knn]"]) == 0  # its own
+    capsys.readouterr()
     assert main(["probe", ckpt, "model.output_stride=16"]) == 2
     err = capsys.readouterr().err
     assert "model.output_stride=16 cannot change" in err and "probe.output_stride=16" in err
