@@ -1,4 +1,8 @@
-"""The ``heatssl`` command: parses arguments, loads a config, calls the library. No logic of its own."""
+"""The ``heatssl`` command: parses arguments, loads a config, calls a run. No logic of its own.
+
+Any :class:`~heatssl.errors.HeatSSLError` is printed in one line and ends the command with its exit
+code (2; 3 for a run stopped by a non-finite loss).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,20 @@ from pathlib import Path
 
 import yaml
 
-from heatssl import evaluate, explain, run
-from heatssl.cam import METHODS
-from heatssl.checkpoint_io import trusted_checkpoints
-from heatssl.config import Config, ConfigError, load_config
-from heatssl.pretrain import NonFiniteLossError
+from heatssl.config import Config, load_config
+from heatssl.errors import ConfigError, HeatSSLError, NonFiniteLossError
+from heatssl.explain import run as explaining
+from heatssl.explain.cam import METHODS
+from heatssl.probing import run as probing
+from heatssl.probing.report import top1_table
+from heatssl.train import run as pretraining
+from heatssl.train.checkpoint import trusted_checkpoints
+from heatssl.train.trainer import launch_plan
+
+DESCRIPTION = (
+    "Self-supervised pretraining of timm backbones with the heat equation (QB-Heat), frozen-backbone "
+    "probes and CAM heat maps. Example: heatssl demo"
+)
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -29,7 +42,7 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="heatssl", description=__doc__)
+    parser = argparse.ArgumentParser(prog="heatssl", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="QB-Heat pretraining of a timm backbone")
@@ -107,26 +120,26 @@ def _print_config(cfg: Config) -> None:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    cfg = evaluate.probe_config(args.source, args.config, args.overrides)
+    cfg = probing.probe_config(args.source, args.config, args.overrides)
     if args.print_config:
         _print_config(cfg)
         return 0
     named = {
         o.split("=", 1)[0].removeprefix("model.") for o in args.overrides if o.startswith("model.")
     }
-    result = evaluate.probe(args.source, cfg, args.out, named=named)
+    result = probing.probe(args.source, cfg, args.out, named=named)
     print((result.out_dir / "metrics.md").read_text())
     print(f"heatssl: probe heads, metrics.json and metrics.md in {result.out_dir}")
     return 0
 
 
 def _heatmaps(args: argparse.Namespace) -> int:
-    cfg = evaluate.probe_config(args.source, args.config, args.overrides)
+    cfg = probing.probe_config(args.source, args.config, args.overrides)
     if args.print_config:
         _print_config(cfg)
         return 0
-    out = args.out or evaluate.default_out_dir(args.source, cfg).with_name("heatmaps")
-    result = explain.run_heatmaps(
+    out = args.out or probing.default_out_dir(args.source, cfg).with_name("heatmaps")
+    result = explaining.run_heatmaps(
         args.source,
         args.head,
         cfg,
@@ -145,17 +158,17 @@ def _heatmaps(args: argparse.Namespace) -> int:
 
 def _demo(cfg: Config) -> int:
     """Pretrain on the embedded data, export, and probe the backbone against random init."""
-    result = run.pretrain(cfg)
-    exported = run.export(result.last_checkpoint)
+    result = pretraining.pretrain(cfg)
+    exported = pretraining.export(result.last_checkpoint)
     ckpt = str(result.last_checkpoint)
-    trained = evaluate.probe(ckpt, cfg, result.run_dir / "probe", title="QB-Heat pretrained")
-    random = evaluate.probe(
+    trained = probing.probe(ckpt, cfg, result.run_dir / "probe", title="QB-Heat pretrained")
+    random = probing.probe(
         cfg.model.backbone,
         cfg,
         result.run_dir / "probe_random",
         title="random init",
     )
-    maps = explain.run_heatmaps(
+    maps = explaining.run_heatmaps(
         ckpt,
         trained.out_dir / "linear_head.safetensors",
         cfg,
@@ -163,13 +176,8 @@ def _demo(cfg: Config) -> int:
         ["cam", "gradcam"],
         num=12,
     )
-    kinds = cfg.probe.kinds
-    lines = ["| backbone | " + " | ".join(f"{k} top-1" for k in kinds) + " |"]
-    lines.append("|---" * (len(kinds) + 1) + "|")
-    for name, res in (("QB-Heat", trained), ("random init", random)):
-        accs = " | ".join(f"{res.metrics['probes'][k]['top1']:.1f}" for k in kinds)
-        lines.append(f"| {name} | {accs} |")
-    table = "\n".join(lines)
+    results = {"QB-Heat": trained.metrics["probes"], "random init": random.metrics["probes"]}
+    table = top1_table(results, cfg.probe.kinds)
     print(
         f"\nheatssl demo: pretrained {cfg.model.backbone} for {result.global_step} steps in "
         f"{result.seconds:.0f} s, then probed it on {cfg.data.name} (val split):\n\n{table}\n\n"
@@ -197,18 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with trust:
             return _dispatch(args)
-    except ConfigError as err:
-        print(f"heatssl: error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"heatssl: stopped: {err}", file=sys.stderr)
-        return 3
+    except HeatSSLError as err:
+        word = "stopped" if isinstance(err, NonFiniteLossError) else "error"
+        print(f"heatssl: {word}: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the chosen subcommand."""
     if args.command == "export":
-        print(f"heatssl: backbone written to {run.export(args.checkpoint, args.out)}")
+        print(f"heatssl: backbone written to {pretraining.export(args.checkpoint, args.out)}")
         return 0
     if args.command == "probe":
         return _probe(args)
@@ -216,16 +222,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _heatmaps(args)
     if args.command == "reconstruct":
         out = args.out or Path(args.checkpoint).resolve().parent.parent / "reconstruction.png"
-        path = explain.run_reconstruction(args.checkpoint, out, args.split, args.num)
+        path = explaining.run_reconstruction(args.checkpoint, out, args.split, args.num)
         print(f"heatssl: reconstruction figure written to {path}")
         return 0
     cfg = _config(args)
     if args.print_config:
-        print(f"# {run.launch_plan(cfg)}")
+        print(f"# {launch_plan(cfg)}")
         _print_config(cfg)
         return 0
     if args.command == "pretrain" and args.benchmark_loader is not None:
-        stats = run.benchmark_loader(cfg, args.benchmark_loader)
+        stats = pretraining.benchmark_loader(cfg, args.benchmark_loader)
         print(
             f"heatssl: input pipeline {stats['images_per_second']:.0f} images/s "
             f"({stats['images']} images in {stats['seconds']:.1f} s, batch "
@@ -233,7 +239,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "pretrain":
-        result = run.pretrain(cfg, resume=args.resume)
+        result = pretraining.pretrain(cfg, resume=args.resume)
         print(f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}")
         return 0
     return _demo(cfg)

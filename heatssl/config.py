@@ -1,32 +1,65 @@
-"""Typed run configuration: YAML recipes plus ``key=value`` overrides, validated before anything runs.
+"""Typed run configuration: YAML recipes plus ``key=value`` overrides, validated once before anything runs.
 
-A run is described by one :class:`Config` (nested dataclasses). Recipes live as YAML under ``configs/``;
-the command line overrides single keys with dotted paths (``trainer.max_epochs=3``). Unknown keys and
-values of the wrong type are refused with the closest valid key named, so a typo never silently falls
-back to a default. The resolved config is written into every run folder so any run can be repeated.
+A run is described by one :class:`Config` (nested dataclasses, one per section). Recipes live as YAML
+under ``configs/``; the command line overrides single keys with dotted paths (``trainer.max_epochs=3``).
+Unknown keys and values of the wrong type are refused with the closest valid key named
+(:mod:`heatssl.config_types`). Each section then checks its own values in its ``validate`` method,
+and :meth:`Config.validate` adds the checks that span sections; :func:`load_config` calls it, so
+nothing below the config layer re-checks a config value. The resolved config is written into every
+run folder so any run can be repeated.
+
+Choices that the model layer defines (step rules, predictors, quadrants, decoder norms) use its
+``Literal`` types, so a value allowed here is one the model accepts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from heatssl.config_types import merge, parse_override, plain
+from heatssl.errors import ArgumentError, ConfigError, rename_arguments
+from heatssl.model.backbone import OUTPUT_STRIDES
+from heatssl.model.decoder import DecoderNorm
+from heatssl.model.heat import InitRule, PredictorKind, StepRule
+from heatssl.model.qbheat import LossRegion
+from heatssl.model.quadrants import QuadrantChoice
+
+__all__ = ["CONFIG_DIR", "Config", "ConfigError", "config_keys", "load_config", "save_config"]
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-class ConfigError(ValueError):
-    """A config value or key that cannot be used; the message says what is allowed and the fix."""
+def _must(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Refuse ``key=value`` unless ``ok``, saying what ``rule`` it must follow."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be {rule}.")
 
 
-OUTPUT_STRIDES = (None, 8, 16, 32)
-"""Values of ``model.output_stride`` and ``probe.output_stride`` (timm CNNs take 8, 16, 32)."""
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _must(value > 0, f"{section}.{name}", value, "positive")
+
+
+def _not_negative(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _must(value >= 0, f"{section}.{name}", value, ">= 0")
+
+
+def _check_stride(key: str, stride: int | None) -> None:
+    if stride not in (None, *OUTPUT_STRIDES):
+        raise ConfigError(
+            f"{key}={stride} is not allowed. Allowed values: null (the model's own), "
+            f"{', '.join(map(str, OUTPUT_STRIDES))}."
+        )
 
 
 @dataclass
@@ -35,27 +68,31 @@ class ModelConfig:
 
     backbone: str = "resnet18"
     stage: int = -1  # index into timm's feature_info (negative counts from the end)
-    output_stride: int | None = (
-        None  # dilate the last stages (CNNs that support it) for a finer grid
-    )
+    output_stride: int | None = None  # dilate the last stages (CNNs) for a finer grid
     pretrained: bool = False  # timm's own pretrained weights: needs network access
-    grad_checkpointing: bool = (
-        False  # timm's set_grad_checkpointing: less memory, ~30% more compute
-    )
+    grad_checkpointing: bool = False  # timm's set_grad_checkpointing: less memory, more compute
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+    def validate(self) -> None:
+        """The stride is one timm takes (the model name and stage are checked against timm)."""
+        _check_stride("model.output_stride", self.output_stride)
 
 
 @dataclass
 class HeatConfig:
-    """The heat predictor and the heat-equation losses (METHOD.md sections 1 and 3)."""
+    """The heat predictor and the heat-equation losses (docs/method.md)."""
 
-    predictor: Literal["heat", "copy", "mask_token"] = "heat"
-    step: Literal["euler", "normalized"] = "normalized"  # chosen by the ablation (README)
-    init: Literal["zeros", "random"] = "zeros"
-    quadrant: Literal["random", "top_left", "top_right", "bottom_left", "bottom_right"] = "random"
+    predictor: PredictorKind = "heat"
+    step: StepRule = "normalized"  # chosen by the ablation (docs/benchmarks.md)
+    init: InitRule = "zeros"
+    quadrant: QuadrantChoice = "random"
     heat_weight: float = 0.1
     commute_weight: float = 1e-3
     commute_probes: int = 16  # random probes estimating ||AB - BA||_F^2 (0: exact, O(d^3))
+
+    def validate(self) -> None:
+        """Loss weights and probe counts are not negative."""
+        _not_negative("heat", self, "heat_weight", "commute_weight", "commute_probes")
 
 
 @dataclass
@@ -66,15 +103,23 @@ class DecoderConfig:
     depth: int = 1  # 3x3 conv blocks at grid resolution before upsampling
     upsample_blocks: int = 1  # (x2 upsample, 3x3 conv) blocks; a pixel shuffle does the rest
     min_width: int = 16
-    norm: Literal["batch", "group", "none"] = "batch"  # group: batch-independent (DDP on CPU)
+    norm: DecoderNorm = "batch"  # group: batch-independent (DDP on CPU)
+
+    def validate(self) -> None:
+        """Widths are positive, block counts not negative."""
+        _positive("decoder", self, "width", "min_width")
+        _not_negative("decoder", self, "depth", "upsample_blocks")
 
 
 @dataclass
 class LossConfig:
     """Where and on what the pixel reconstruction is scored."""
 
-    region: Literal["masked", "full"] = "masked"
+    region: LossRegion = "masked"
     norm_pix: bool = True
+
+    def validate(self) -> None:
+        """Nothing beyond the types: both keys are choices."""
 
 
 @dataclass
@@ -89,9 +134,33 @@ class DataConfig:
     download: bool = False
     augment: Literal["ssl", "none"] = "ssl"
     crop_scale_min: float = 0.35
-    val_fraction: float = 0.2  # digits / synthetic only: share held out for validation
+    val_fraction: float = 0.2  # digits / synthetic / folders without val/: share held out
     synthetic_size: int = 256  # synthetic only: number of images
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable files: skip + report, or stop
+
+    def validate(self) -> None:
+        """Sizes, shares and the folder an ImageFolder needs."""
+        _positive("data", self, "image_size", "batch_size")
+        _not_negative("data", self, "num_workers")
+        _must(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
+        _must(
+            0.0 < self.crop_scale_min <= 1.0,
+            "data.crop_scale_min",
+            self.crop_scale_min,
+            "in (0, 1]",
+        )
+        if self.name == "synthetic":
+            _must(
+                self.synthetic_size >= 10,
+                "data.synthetic_size",
+                self.synthetic_size,
+                ">= 10 (one image per class at least)",
+            )
+        if self.name == "imagefolder" and not self.root:
+            raise ConfigError(
+                "data.name=imagefolder needs data.root: a folder with train/<class>/*.jpg "
+                "(and optionally val/<class>/*.jpg). Set data.root=/path/to/dataset."
+            )
 
 
 @dataclass
@@ -103,6 +172,14 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.0
+
+    def validate(self) -> None:
+        """A positive learning rate; decay, warm-up and betas in their ranges."""
+        _must(self.base_lr > 0, "optim.base_lr", self.base_lr, "positive (e.g. 1.5e-4)")
+        _not_negative("optim", self, "weight_decay", "warmup_epochs")
+        _must(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        ok = all(0.0 <= b < 1.0 for b in self.betas)
+        _must(ok, "optim.betas", list(self.betas), "two numbers in [0, 1)")
 
 
 @dataclass
@@ -130,10 +207,15 @@ class TrainerConfig:
     progress_bar: bool = True
     logger: Literal["csv", "tensorboard", "none"] = "csv"
 
+    def validate(self) -> None:
+        """Counts are positive; the mid-epoch checkpoint triggers are >= 0 (0 turns one off)."""
+        _positive("trainer", self, "max_epochs", "num_nodes", "accumulate_grad_batches")
+        _not_negative("trainer", self, "checkpoint_every_n_steps", "checkpoint_every_n_minutes")
+
 
 @dataclass
 class ProbeConfig:
-    """Frozen-backbone evaluation (METHOD.md section 4): which probes and how they train."""
+    """Frozen-backbone evaluation (docs/method.md): which probes and how they train."""
 
     kinds: list[Literal["linear", "tran1", "knn"]] = field(
         default_factory=lambda: ["linear", "tran1", "knn"]
@@ -153,6 +235,22 @@ class ProbeConfig:
     knn_temperature: float = 0.07
     online: bool = False  # online linear probe on the kept-quarter features during pretraining
 
+    def validate(self) -> None:
+        """Epochs, batch, k and rates positive; the stride one timm takes."""
+        _positive(
+            "probe",
+            self,
+            "epochs",
+            "batch_size",
+            "tran1_epochs",
+            "knn_k",
+            "base_lr",
+            "tran1_base_lr",
+            "knn_temperature",
+        )
+        _not_negative("probe", self, "weight_decay", "warmup_epochs", "tran1_heads")
+        _check_stride("probe.output_stride", self.output_stride)
+
 
 @dataclass
 class Config:
@@ -171,125 +269,28 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML- and checkpoint-safe: only builtins)."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        """Every section checks itself; sizes that need the model are checked when it is built."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+@contextmanager
+def config_keys(**keys: str) -> Iterator[None]:
+    """Re-raise a library :class:`ArgumentError` as a :class:`ConfigError` in config words.
 
-
-def _suggest(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{hint} Allowed keys: {', '.join(sorted(allowed))}."
-
-
-def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` coerced to ``annotation`` or raise ConfigError naming what is allowed."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in args:
-            try:
-                return _check_type(path, value, arm)
-            except ConfigError as err:
-                errors.append(str(err))
-        allowed = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{path}={value!r} has the wrong type: expected {allowed}.")
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{path}={value!r}: expected null.")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(
-            f"{path}={value!r} is not allowed. Allowed values: {', '.join(map(repr, args))}."
-        )
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}={value!r}: expected a list, e.g. [a, b].")
-        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{path}={value!r}: expected a list of {len(args)} numbers.")
-        pairs = enumerate(zip(value, args, strict=True))
-        return tuple(_check_type(f"{path}[{i}]", v, a) for i, (v, a) in pairs)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}={value!r}: expected a mapping (key: value).")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}={value!r}: expected true or false.")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}={value!r}: expected an integer.")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}={value!r}: expected a number.")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}={value!r}: expected a string.")
-    raise ConfigError(f"{path}: unsupported config type {annotation!r}.")  # pragma: no cover
-
-
-def _type_name(annotation: Any) -> str:
-    if annotation is type(None):
-        return "null"
-    if typing.get_origin(annotation) is Literal:
-        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    """Write ``updates`` into dataclass ``obj`` in place, checking every key and type."""
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    if not isinstance(updates, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {updates!r}.")
-    for key, value in updates.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"Unknown config key '{path}'.{_suggest(key, names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _merge(current, value, prefix=f"{path}.")
-        else:
-            setattr(obj, key, _check_type(path, value, hints[key]))
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``a.b=value`` into its dotted key and the YAML-parsed value."""
-    if "=" not in text:
-        raise ConfigError(
-            f"Override '{text}' is not of the form key=value (for example trainer.max_epochs=5)."
-        )
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
-
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
+    ``keys`` maps argument names to config keys (``image_size="data.image_size"``), so a message
+    such as "image_size=50 ... Fix: output_stride=16" reads "data.image_size=50 ... Fix:
+    model.output_stride=16".
+    """
+    try:
+        yield
+    except ArgumentError as err:
+        raise ConfigError(rename_arguments(str(err), keys)) from err
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -307,60 +308,32 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     )
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file; a syntax error names the file, line and column."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem}). Fix the file.") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, ...).")
+    return data
+
+
 def load_config(
     source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Build a validated Config from defaults, a YAML file (or dict) and ``key=value`` overrides."""
     cfg = Config()
     if source is not None:
-        if isinstance(source, dict):
-            data = source
-        else:
-            path = resolve_config_path(source)
-            data = yaml.safe_load(path.read_text()) or {}
-        _merge(cfg, data)
+        data = source if isinstance(source, dict) else _read_yaml(resolve_config_path(source))
+        merge(cfg, data)
     for text in overrides or []:
-        key, value = parse_override(text)
-        _merge(cfg, _nest(key, value))
-    validate(cfg)
+        merge(cfg, parse_override(text))
+    cfg.validate()
     return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks that do not need the model (sizes are checked by the backbone adapter)."""
-    positive = {
-        "data.image_size": cfg.data.image_size,
-        "data.batch_size": cfg.data.batch_size,
-        "trainer.max_epochs": cfg.trainer.max_epochs,
-        "trainer.accumulate_grad_batches": cfg.trainer.accumulate_grad_batches,
-        "trainer.num_nodes": cfg.trainer.num_nodes,
-        "decoder.width": cfg.decoder.width,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive.")
-    if cfg.data.name == "imagefolder" and not cfg.data.root:
-        raise ConfigError(
-            "data.name=imagefolder needs data.root: a folder with train/<class>/*.jpg "
-            "(and optionally val/<class>/*.jpg). Set data.root=/path/to/dataset."
-        )
-    for key, stride in (
-        ("model.output_stride", cfg.model.output_stride),
-        ("probe.output_stride", cfg.probe.output_stride),
-    ):
-        if stride not in OUTPUT_STRIDES:
-            raise ConfigError(
-                f"{key}={stride} is not allowed. Allowed values: null (the model's own), "
-                f"{', '.join(map(str, OUTPUT_STRIDES[1:]))}."
-            )
-    for key in ("epochs", "batch_size", "tran1_epochs", "knn_k"):
-        if getattr(cfg.probe, key) <= 0:
-            raise ConfigError(f"probe.{key}={getattr(cfg.probe, key)} must be positive.")
-    if cfg.optim.base_lr <= 0:
-        raise ConfigError(f"optim.base_lr={cfg.optim.base_lr} must be positive (e.g. 1.5e-4).")
-    for key in ("heat_weight", "commute_weight"):
-        if getattr(cfg.heat, key) < 0:
-            raise ConfigError(f"heat.{key}={getattr(cfg.heat, key)} must be >= 0.")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

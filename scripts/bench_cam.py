@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from heatssl.cam import METHODS, ProbedBackbone, heatmaps
-from heatssl.explain import dataset_images, load_linear_head
-from heatssl.run import backbone_from_checkpoint, load_checkpoint_config
+from heatssl.explain.cam import METHODS, ProbedBackbone, heatmaps
+from heatssl.explain.inputs import dataset_images
+from heatssl.probing.head_files import load_linear_head
+from heatssl.train.run import backbone_from_checkpoint, load_checkpoint_config
 
 RUN = "bench_results/runs/default"
 

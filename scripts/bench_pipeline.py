@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from benchlib import machine
 
-from heatssl import run
 from heatssl.config import load_config
-from heatssl.data import build_datamodule
-from heatssl.pretrain import HeatPretrainModule
+from heatssl.data.module import build_datamodule
+from heatssl.train import run
+from heatssl.train.module import HeatPretrainModule
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Probe quality and probe speed: QB-Heat pretraining vs random initialisation, and the ablations.
 
-Needs the Imagenette copy of the project workspace (``../shared/data/imagenette-128``, ImageFolder
+Needs an Imagenette copy (by default ``../shared/data/imagenette-128``, ImageFolder
 train/ and val/); users without it pass ``--data`` to any ImageFolder. For every variant it pretrains
 resnet18 at 64 px for the same number of epochs (the budget), then probes the frozen backbone with
 heatssl's own probes (features extracted once). The random-init baseline is probed the same way.
@@ -27,8 +27,10 @@ from typing import Any
 
 from benchlib import machine
 
-from heatssl import evaluate, run
 from heatssl.config import load_config
+from heatssl.probing import run as evaluate
+from heatssl.probing.report import top1_table
+from heatssl.train import run
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -165,15 +167,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(report: dict[str, Any]) -> str:
     """Markdown table: top-1 per probe and pretraining minutes per variant."""
-    kinds = report["args"]["kinds"]
-    lines = [
-        "| variant | " + " | ".join(f"{k} top-1" for k in kinds) + " | pretrain min |",
-        "|---" * (len(kinds) + 2) + "|",
-    ]
-    for name, r in report["results"].items():
-        accs = " | ".join(f"{r['probes'][k]['top1']:.1f}" for k in kinds if k in r["probes"])
-        lines.append(f"| {name} | {accs} | {r['pretrain_seconds'] / 60:.1f} |")
-    return "\n".join(lines)
+    results = report["results"]
+    minutes = [f"{r['pretrain_seconds'] / 60:.1f}" for r in results.values()]
+    probes = {name: r["probes"] for name, r in results.items()}
+    return top1_table(probes, report["args"]["kinds"], "variant", {"pretrain min": minutes})
 
 
 if __name__ == "__main__":

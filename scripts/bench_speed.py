@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,12 +49,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
+from benchlib import CpuLoad, machine, wait_with_rusage
 from torch import Tensor, nn
 
-from heatssl.backbone import Backbone
-from heatssl.qbheat import QBHeat
+from heatssl.model.backbone import Backbone
+from heatssl.model.qbheat import QBHeat
 
 SPEEDUP_TARGET = 2.5
 HEAT_OVERHEAD_TARGET = 0.05
@@ -96,38 +94,10 @@ MODELS: tuple[ModelSpec, ...] = (
 )
 
 
-class CpuLoad:
-    """CPU time other processes used while we ran: the noise in the numbers (Linux /proc/stat)."""
-
-    def __init__(self) -> None:
-        self.start = self._snap()
-
-    @staticmethod
-    def _snap() -> tuple[int, int, float] | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        own = 0.0
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):  # this process + waited kids
-            ru = resource.getrusage(who)
-            own += (ru.ru_utime + ru.ru_stime) * os.sysconf("SC_CLK_TCK")
-        return sum(fields), fields[3] + fields[4], own
-
-    def foreign_fraction(self) -> float | None:
-        """Share of all CPU time since creation that other processes used (0 = quiet machine)."""
-        end = self._snap()
-        if self.start is None or end is None or end[0] == self.start[0]:
-            return None
-        total = end[0] - self.start[0]
-        busy = total - (end[1] - self.start[1])
-        return max(0.0, (busy - (end[2] - self.start[2])) / total)
-
-
 def make_optimizer(module: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (betas and weight decay as the project's defaults).
 
-    ``fused=True`` is what :mod:`heatssl.pretrain` builds (``--unfused-adamw``: torch's default).
+    ``fused=True`` is what :mod:`heatssl.train.module` builds (``--unfused-adamw``: torch's default).
     """
     params = [p for p in module.parameters() if p.requires_grad]
     return torch.optim.AdamW(
@@ -269,28 +239,6 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any, bool]:
-    """Reap ``proc`` with ``os.wait4`` (its own rusage); kill it after ``timeout`` seconds.
-
-    ``getrusage(RUSAGE_CHILDREN)`` would mix in earlier children (importing torch already starts
-    one of ~450 MiB), so the peak RSS is read from this child's own ``wait4`` rusage.
-    """
-    deadline = time.perf_counter() + timeout
-    timed_out = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
-            timed_out = True
-            break
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage, timed_out
-
-
 def run_demo(timeout: float) -> dict[str, Any]:
     """Run ``heatssl demo`` in a subprocess; return wall time, peak RSS and pass/fail."""
     load = CpuLoad()
@@ -322,32 +270,6 @@ def run_demo(timeout: float) -> dict[str, Any]:
         "target_s": DEMO_SECONDS_TARGET,
         "pass": rc == 0 and not timed_out and seconds < DEMO_SECONDS_TARGET,
         "output_tail": tail,
-    }
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """Versions, threads, CPUs and load: what the numbers depend on."""
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "requested_threads": threads,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "cpu_model": cpu_model,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -405,7 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unfused-adamw",
         dest="fused_adamw",
         action="store_false",
-        help="torch's default AdamW instead of fused=True (heatssl.pretrain uses fused)",
+        help="torch's default AdamW instead of fused=True (heatssl.train.module uses fused)",
     )
     p.add_argument(
         "--step",
@@ -425,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = machine_info(args.threads)
+    info = machine(requested_threads=args.threads)
     print(
         f"torch {info['torch']}, timm {info['timm']}, {info['torch_threads']} threads, "
         f"{info['cpu_count']} CPUs ({info['cpu_model']}), load {info['loadavg_start']}"

@@ -1,20 +1,104 @@
-"""Shared by the benchmark scripts: the description of the machine a JSON's figures come from."""
+"""Shared by the benchmark scripts: the machine a JSON's figures come from, and how busy it was.
+
+- :func:`machine`: versions, threads, CPUs and load (every benchmark JSON's ``machine`` entry).
+- :class:`CpuLoad`: the share of CPU time other processes used while a benchmark ran.
+- :func:`wait_with_rusage` and :func:`peak_rss_gib`: a child's or this process's own peak memory.
+"""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 
-def machine() -> dict[str, Any]:
-    """Torch and Python versions, CPU count and torch threads (figures depend on all four)."""
+def machine(requested_threads: int | None = None) -> dict[str, Any]:
+    """Versions, threads, CPUs, GPU and load: what the numbers depend on."""
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "requested_threads": requested_threads,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu_model": cpu_model,
+        "mkldnn": torch.backends.mkldnn.is_available(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_start": list(os.getloadavg()),
     }
+
+
+class CpuLoad:
+    """CPU time other processes used while we ran: the noise in the numbers (Linux /proc/stat)."""
+
+    def __init__(self) -> None:
+        self.start = self._snap()
+
+    @staticmethod
+    def _snap() -> tuple[int, int, float] | None:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        own = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):  # this process + waited kids
+            ru = resource.getrusage(who)
+            own += (ru.ru_utime + ru.ru_stime) * os.sysconf("SC_CLK_TCK")
+        return sum(fields), fields[3] + fields[4], own
+
+    def foreign_fraction(self) -> float | None:
+        """Share of all CPU time since creation that other processes used (0 = quiet machine)."""
+        end = self._snap()
+        if self.start is None or end is None or end[0] == self.start[0]:
+            return None
+        total = end[0] - self.start[0]
+        busy = total - (end[1] - self.start[1])
+        return max(0.0, (busy - (end[2] - self.start[2])) / total)
+
+
+def wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any, bool]:
+    """Reap ``proc`` with ``os.wait4`` (its own rusage); kill it after ``timeout`` seconds.
+
+    ``getrusage(RUSAGE_CHILDREN)`` would mix in earlier children (importing torch already starts
+    one of ~450 MiB), so the peak RSS is read from this child's own ``wait4`` rusage.
+    """
+    deadline = time.perf_counter() + timeout
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            timed_out = True
+            break
+        time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage, timed_out
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM: its own, not inherited like ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")

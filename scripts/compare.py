@@ -16,7 +16,7 @@ Needs LightlySSL, a bench-only extra: ``pip install -e ".[bench]"``.
 
 Usage::
 
-    python scripts/compare.py --minutes 15                       # the README table (about 2 h)
+    python scripts/compare.py --minutes 15                       # the table in docs/benchmarks.md
     python scripts/compare.py --minutes 1 --methods heatssl simclr --points 1.0 --kinds linear knn
 """
 
@@ -35,17 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import machine
-from torch import nn
+from benchlib import machine, peak_rss_gib
+from compare_methods import build_method
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from heatssl import evaluate
-from heatssl.backbone import Backbone, build_backbone, export_backbone
 from heatssl.config import Config, load_config
-from heatssl.data import build_transform
-from heatssl.qbheat import QBHeat
-from heatssl.schedule import scaled_lr, warmup_cosine
+from heatssl.model.export import export_backbone
+from heatssl.model.optim import warmup_cosine
+from heatssl.probing import run as evaluate
+from heatssl.probing.report import markdown_table
+from heatssl.train.pictures import new_figure, save_figure
 
 METHODS = ("heatssl", "simclr", "mocov2", "mae", "heatssl_vit", "random")
 FAMILY = {
@@ -113,197 +113,6 @@ def recipe(args: argparse.Namespace, method: str, extra: list[str] | None = None
         *(extra or []),
     ]
     return load_config("imagenette", overrides)
-
-
-# ----- methods: each returns (model to train, loss of a batch, transform, batch size, optimiser) ----
-class Method(nn.Module):
-    """One pretraining method around a heatssl :class:`Backbone` (whose weights get exported)."""
-
-    batch_size = 128
-
-    def __init__(self, backbone: Backbone) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def transform(self, size: int) -> Any:
-        raise NotImplementedError
-
-    def loss(self, views: Any, progress: float) -> torch.Tensor:
-        raise NotImplementedError
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def images_in(self, views: Any) -> int:
-        """Source images in a batch (not views)."""
-        return (views[0] if isinstance(views, list | tuple) else views).shape[0]
-
-
-class HeatSSL(Method):
-    """QB-Heat exactly as ``heatssl pretrain`` builds it from the imagenette recipe."""
-
-    def __init__(self, backbone: Backbone, cfg: Config) -> None:
-        super().__init__(backbone)
-        self.cfg = cfg
-        self.qbheat = QBHeat.from_config(backbone, cfg)
-        self.batch_size = cfg.data.batch_size
-
-    def transform(self, size: int) -> Any:
-        return build_transform(size, True, self.cfg.data.augment, self.cfg.data.crop_scale_min)
-
-    def loss(self, views: Any, progress: float) -> torch.Tensor:
-        return self.qbheat(views).loss
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for name, param in self.qbheat.named_parameters():
-            physics = name.startswith(("predictor.", "heat_loss."))
-            (no_decay if param.ndim < 2 or physics else decay).append(param)
-        opt = self.cfg.optim
-        return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay}],
-            lr=scaled_lr(opt.base_lr, self.batch_size),
-            betas=tuple(opt.betas),
-            weight_decay=0.0,
-        )
-
-
-class SimCLR(Method):
-    """LightlySSL's SimCLR (its CIFAR/Imagenette benchmark settings, blur off at small sizes)."""
-
-    def __init__(self, backbone: Backbone) -> None:
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
-
-        super().__init__(backbone)
-        dim = backbone.num_features
-        self.head = SimCLRProjectionHead(dim, dim, 128)
-        self.criterion = NTXentLoss(temperature=0.5)
-
-    def transform(self, size: int) -> Any:
-        from lightly.transforms import SimCLRTransform
-
-        return SimCLRTransform(input_size=size, cj_strength=0.5, gaussian_blur=0.0)
-
-    def loss(self, views: Any, progress: float) -> torch.Tensor:
-        z0, z1 = (self.head(self.backbone.pooled(v)) for v in views)
-        return self.criterion(z0, z1)
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        """SGD as in LightlySSL's benchmarks, over the trainable parameters only."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.SGD(
-            params, lr=0.06 * self.batch_size / 128, momentum=0.9, weight_decay=5e-4
-        )
-
-
-class MoCoV2(Method):
-    """LightlySSL's MoCo-v2: momentum encoder, memory bank of 4096, temperature 0.1."""
-
-    def __init__(self, backbone: Backbone) -> None:
-        import copy
-
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import MoCoProjectionHead
-        from lightly.models.utils import deactivate_requires_grad
-
-        super().__init__(backbone)
-        dim = backbone.num_features
-        self.head = MoCoProjectionHead(dim, dim, 128)
-        self.backbone_m = copy.deepcopy(backbone)
-        self.head_m = copy.deepcopy(self.head)
-        deactivate_requires_grad(self.backbone_m)
-        deactivate_requires_grad(self.head_m)
-        self.criterion = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 128))
-
-    def transform(self, size: int) -> Any:
-        from lightly.transforms import MoCoV2Transform
-
-        return MoCoV2Transform(input_size=size, cj_strength=0.5, gaussian_blur=0.0)
-
-    def loss(self, views: Any, progress: float) -> torch.Tensor:
-        from lightly.models.utils import update_momentum
-        from lightly.utils.scheduler import cosine_schedule
-
-        momentum = cosine_schedule(int(progress * 1000), 1000, 0.99, 1.0)
-        update_momentum(self.backbone, self.backbone_m, m=momentum)
-        update_momentum(self.head, self.head_m, m=momentum)
-        query = self.head(self.backbone.pooled(views[0]))
-        with torch.no_grad():
-            key = self.head_m(self.backbone_m.pooled(views[1]))
-        return self.criterion(query, key)
-
-    optimizer = SimCLR.optimizer
-
-
-class MAE(Method):
-    """LightlySSL's MAE on the timm ViT inside a heatssl Backbone (mask ratio 0.75)."""
-
-    def __init__(self, backbone: Backbone, cfg: Config) -> None:
-        from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
-
-        super().__init__(backbone)
-        self.cfg = cfg
-        vit = backbone.model
-        self.patch = vit.patch_embed.patch_size[0]
-        self.encoder = MaskedVisionTransformerTIMM(vit=vit)
-        self.seq_len = vit.patch_embed.num_patches + vit.num_prefix_tokens
-        self.decoder = MAEDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches,
-            patch_size=self.patch,
-            embed_dim=vit.embed_dim,
-            decoder_embed_dim=128,
-            decoder_depth=2,
-            decoder_num_heads=4,
-            num_prefix_tokens=vit.num_prefix_tokens,
-        )
-
-    def transform(self, size: int) -> Any:
-        from lightly.transforms import MAETransform
-
-        return MAETransform(input_size=size)
-
-    def loss(self, views: Any, progress: float) -> torch.Tensor:
-        from lightly.models import utils
-
-        images = views[0]
-        n = images.shape[0]
-        keep, masked = utils.random_token_mask(
-            size=(n, self.seq_len), mask_ratio=0.75, device=images.device
-        )
-        encoded = self.encoder.encode(images=images, idx_keep=keep)
-        tokens = utils.repeat_token(self.decoder.mask_token, (n, self.seq_len))
-        tokens = utils.set_at_index(tokens, keep, self.decoder.embed(encoded))
-        pred = self.decoder.predict(utils.get_at_index(self.decoder.decode(tokens), masked))
-        target = utils.get_at_index(utils.patchify(images, self.patch), masked - 1)
-        return nn.functional.mse_loss(pred, target)
-
-    def optimizer(self) -> torch.optim.Optimizer:
-        opt = (
-            self.cfg.optim
-        )  # heatssl's short-budget AdamW recipe: the MAE paper's lr is for 800 epochs
-        return torch.optim.AdamW(
-            self.parameters(),
-            lr=scaled_lr(opt.base_lr, self.batch_size),
-            betas=tuple(opt.betas),
-            weight_decay=opt.weight_decay,
-        )
-
-
-def build_method(name: str, cfg: Config) -> Method:
-    """The method ``name`` around a fresh backbone built from ``cfg``."""
-    torch.manual_seed(cfg.seed)
-    check = name.startswith("heatssl")
-    backbone = build_backbone(cfg.model, cfg.data.image_size, check_size=check)
-    if name in ("heatssl", "heatssl_vit"):
-        return HeatSSL(backbone, cfg)
-    if name == "simclr":
-        return SimCLR(backbone)
-    if name == "mocov2":
-        return MoCoV2(backbone)
-    if name == "mae":
-        return MAE(backbone, cfg)
-    return Method(backbone)
 
 
 # ----- one method's training, in a child process ------------------------------------------------
@@ -378,16 +187,8 @@ def train_child(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "images_per_second": seen / trained,
         "first_loss": losses[0],
         "last_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": peak_rss_gib(),
     }
-
-
-def _peak_rss_gib() -> float:
-    """This process's peak resident memory (VmHWM: its own, not inherited like ru_maxrss)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 # ----- the parent: children in turn, then probes, JSON and plot ---------------------------------
@@ -426,13 +227,9 @@ def probe_exports(args: argparse.Namespace, name: str, figures: dict[str, Any]) 
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Probe top-1 vs pretraining minutes, one line per method, one panel per probe kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     kinds = ["linear", "knn", "tran1"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    fig = new_figure(5 * len(kinds), 4)
+    axes = fig.subplots(1, len(kinds), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         for name, r in report["results"].items():
             pts = [(e["minutes"], e["probes"][kind]) for e in r["exports"] if kind in e["probes"]]
@@ -450,27 +247,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def table(report: dict[str, Any]) -> str:
     """Markdown table of the final figures per method."""
-    lines = [
-        "| method | backbone | images/s | images seen | linear | tran-1 | kNN | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["method", "backbone", "images/s", "images seen", "linear", "tran-1", "kNN"]
+    rows = []
     for name, r in report["results"].items():
         final = r["exports"][-1]["probes"]
         ips = f"{r['images_per_second']:.0f}" if "images_per_second" in r else "-"
         peak = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "-"
         cells = [f"{final[k]:.1f}" if k in final else "-" for k in ("linear", "tran1", "knn")]
-        lines.append(
-            f"| {name} | {FAMILY[name]} | {ips} | {r['exports'][-1]['images_seen']} | "
-            + " | ".join(cells)
-            + f" | {peak} |"
-        )
-    return "\n".join(lines)
+        rows.append([name, FAMILY[name], ips, r["exports"][-1]["images_seen"], *cells, peak])
+    return markdown_table([*header, "peak RSS GiB"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

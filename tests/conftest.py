@@ -1,59 +1,11 @@
-"""Shared test settings: a tiny run config (timm test_resnet, 32 px synthetic images, CPU)."""
+"""Fixtures shared by every test folder (helpers to import live in tests/helpers.py)."""
 
-import numpy as np
 import pytest
-from PIL import Image
 
-UNREADABLE = ["empty.jpg", "text.jpg", "truncated.jpg"]
-ODD_READABLE = ["rgb", "grey", "rgba", "cmyk", "deep", "palette", "tiny"]
-
-
-def tiny_settings(run_dir) -> list[str]:
-    """Overrides that make any recipe a seconds-long CPU run writing into ``run_dir``."""
-    return [
-        f"run_dir={run_dir}",
-        "model.backbone=test_resnet",
-        "model.output_stride=8",
-        "data.name=synthetic",
-        "data.synthetic_size=40",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "decoder.width=16",
-        "trainer.max_epochs=1",
-        "trainer.progress_bar=false",
-        "trainer.log_every_n_steps=1",
-    ]
+from tests.helpers import tiny_settings
 
 
 @pytest.fixture
 def tiny_overrides(tmp_path):
-    """:func:`tiny_settings` writing into the test's tmp_path."""
+    """:func:`tests.helpers.tiny_settings` writing into the test's tmp_path."""
     return tiny_settings(tmp_path / "run")
-
-
-def write_odd_and_bad_images(folder, seed: int = 0) -> None:
-    """Every kind of file a real image folder holds: odd modes PIL reads and files it cannot.
-
-    Readable (``ODD_READABLE``): RGB JPEG, grey PNG, RGBA PNG, CMYK JPEG, 16-bit PNG, palette PNG
-    with transparency, a 3 x 2 image smaller than any crop. Unreadable (``UNREADABLE``): a zero-byte
-    file, a text file named .jpg and a truncated JPEG. Plus ``notes.txt``, not an image suffix.
-    """
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
-    Image.fromarray(rng.integers(0, 255, (9, 7), dtype=np.uint8)).save(folder / "grey.png")
-    Image.fromarray(rng.integers(0, 255, (12, 12, 4), dtype=np.uint8), "RGBA").save(
-        folder / "rgba.png"
-    )
-    Image.new("CMYK", (10, 14), (10, 20, 30, 40)).save(folder / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 65535, (8, 8), dtype=np.uint16)).save(folder / "deep.png")
-    pal = Image.new("P", (6, 6))
-    pal.putpalette([0, 0, 0, 255, 0, 0] * 128)
-    pal.info["transparency"] = 0
-    pal.save(folder / "palette.png")
-    Image.fromarray(rng.integers(0, 255, (2, 3, 3), dtype=np.uint8)).save(folder / "tiny.png")
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "text.jpg").write_text("not an image")
-    good = (folder / "rgb.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    (folder / "notes.txt").write_text("ignored: not an image suffix")

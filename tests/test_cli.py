@@ -46,7 +46,7 @@ def test_bad_inputs_stop_before_training(tiny_overrides, tmp_path, capsys):
     err = _fails(["pretrain", "-c", "demo", *tiny_overrides, "data.image_size=40"], capsys)
     assert "data.image_size=40" in err and "Nearest sizes that work: 32, 48" in err
     err = _fails(["pretrain", "-c", "demo", *tiny_overrides, "model.backbone=resnet_18"], capsys)
-    assert "Unknown backbone" in err and "resnet18" in err
+    assert "model.backbone='resnet_18' is not a timm model" in err and "resnet18" in err
     err = _fails(["pretrain", "-c", "demo", *tiny_overrides, "trainer.max_epoch=2"], capsys)
     assert "Did you mean 'max_epochs'" in err
     missing = tmp_path / "nowhere"
@@ -67,4 +67,9 @@ def test_bad_inputs_stop_before_training(tiny_overrides, tmp_path, capsys):
     assert "grid of 1x1" in err and "at least 2x2" in err and "model.output_stride=16" in err
     err = _fails(["pretrain", *tiny_overrides], capsys)
     assert "needs a config" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {backbone: resnet18\n")
+    err = _fails(["pretrain", "-c", str(broken)], capsys)
+    assert "broken.yaml, line" in err and "not valid YAML" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1  # one line, no trace
     assert not (run_dir / "checkpoints").exists()  # nothing started

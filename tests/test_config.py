@@ -2,7 +2,19 @@
 
 import pytest
 
-from heatssl.config import CONFIG_DIR, Config, ConfigError, load_config, save_config
+from heatssl.config import (
+    CONFIG_DIR,
+    Config,
+    DataConfig,
+    DecoderConfig,
+    OptimConfig,
+    ProbeConfig,
+    TrainerConfig,
+    config_keys,
+    load_config,
+    save_config,
+)
+from heatssl.errors import ArgumentError, ConfigError
 
 RECIPES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -69,3 +81,47 @@ def test_unknown_key_in_yaml_file(tmp_path):
 def test_every_bundled_recipe_is_valid(recipe):
     cfg = load_config(recipe)
     assert cfg.run_dir.startswith("runs/")
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "key"),
+    [
+        (DataConfig, {"val_fraction": 1.0}, "data.val_fraction"),
+        (DataConfig, {"crop_scale_min": 0.0}, "data.crop_scale_min"),
+        (DataConfig, {"image_size": 0}, "data.image_size"),
+        (DataConfig, {"num_workers": -1}, "data.num_workers"),
+        (DataConfig, {"name": "synthetic", "synthetic_size": 5}, "data.synthetic_size"),
+        (TrainerConfig, {"checkpoint_every_n_minutes": -1.0}, "trainer.checkpoint_every_n_minutes"),
+        (TrainerConfig, {"checkpoint_every_n_steps": -2}, "trainer.checkpoint_every_n_steps"),
+        (DecoderConfig, {"depth": -1}, "decoder.depth"),
+        (OptimConfig, {"betas": (0.9, 1.5)}, "optim.betas"),
+        (ProbeConfig, {"knn_temperature": 0.0}, "probe.knn_temperature"),
+    ],
+)
+def test_each_section_checks_its_own_values(section, changes, key):
+    with pytest.raises(ConfigError, match=rf"^{key}="):
+        section(**changes).validate()
+    section().validate()  # the defaults are valid
+
+
+def test_load_config_validates_every_section():
+    with pytest.raises(ConfigError, match=r"^trainer\.checkpoint_every_n_steps=-1 must be >= 0"):
+        load_config("demo", ["trainer.checkpoint_every_n_steps=-1"])
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  image_size: 64\n  name: [imagefolder\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml, line \d+, column \d+: not valid YAML"):
+        load_config(path)
+
+
+def test_config_keys_rewords_library_arguments():
+    keys = config_keys(image_size="data.image_size", stage="model.stage")
+    with pytest.raises(ConfigError) as err, keys:
+        raise ArgumentError("image_size=50 is too small. Fix: image_size=64; or stage=-2.")
+    assert (
+        str(err.value)
+        == "data.image_size=50 is too small. Fix: data.image_size=64; or model.stage=-2."
+    )
+    assert isinstance(err.value.__cause__, ArgumentError)

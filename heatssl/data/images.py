@@ -1,0 +1,66 @@
+"""Reading one image file into RGB, whatever its mode, or saying exactly why it cannot be read.
+
+The lowest layer of image handling: datasets (:mod:`heatssl.data.datasets`) and heat-map inputs
+(:mod:`heatssl.explain.inputs`) both read files through :func:`read_image`, so a CMYK JPEG or a
+16-bit PNG looks the same everywhere and an unreadable file raises one exception type with the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from heatssl.errors import UnreadableImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+# What PIL raises for files it cannot decode: unknown format (UnidentifiedImageError is an OSError),
+# truncated data (OSError), corrupt headers (SyntaxError, ValueError), short reads (EOFError).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any PIL mode: grey, 1-bit, 16/32-bit integer, float, palette, alpha, CMYK, YCbCr.
+
+    16-bit integers are scaled (65535 -> 255) instead of clipped, so a 16-bit PNG is not white;
+    transparent pixels are composited on white, the usual background of cut-out photos.
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0  # float images in [0, 1]
+        elif image.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255.0):
+            arr = arr / 257.0  # 16-bit range onto 8 bits
+        image = Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8))
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")  # palette transparency becomes a real alpha channel
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """The image at ``path``, fully decoded, upright (EXIF orientation) and RGB.
+
+    Decoding happens here, not lazily later, so a truncated file fails in this call. Raises
+    :class:`UnreadableImageError` naming the file and the reason for anything PIL cannot decode.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return to_rgb(upright)
+    except DECODE_ERRORS as err:
+        reason = str(err) or type(err).__name__
+        raise UnreadableImageError(f"{path}: {type(err).__name__}: {reason}") from err
+
+
+def warn_unreadable(skipped: list[str], what: str = "Skipped", first: int = 10) -> None:
+    """One warning naming how many files could not be read and the first ``first`` of them."""
+    if skipped:
+        names = "; ".join(skipped[:first])
+        warnings.warn(f"{what} {len(skipped)} unreadable image file(s): {names}", stacklevel=3)

@@ -1,0 +1,199 @@
+"""The one adapter to timm: any model as an encoder of an NCHW feature grid.
+
+Everything goes through timm's public API (``create_model``, ``feature_info``,
+``forward_intermediates``), so CNNs and ViTs look the same to the rest of heatssl: an image batch in,
+a (N, d, h, w) grid of the chosen stage out. Errors name this module's own arguments (``stage=7``);
+:mod:`heatssl.train.build` re-words them with config keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+
+from heatssl.errors import ArgumentError
+
+OUTPUT_STRIDES = (8, 16, 32)
+"""Output strides timm's CNNs take (dilating their late stages)."""
+
+
+def _unknown_model_error(name: str) -> ArgumentError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return ArgumentError(
+        f"name={name!r} is not a timm model.{hint} "
+        f"List them with `python -c \"import timm; print(timm.list_models('resnet*'))\"`."
+    )
+
+
+def create_timm_model(
+    name: str,
+    image_size: int | None = None,
+    output_stride: int | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Create a timm model without classifier; return it and the kwargs that rebuild it.
+
+    ViTs get ``dynamic_img_size=True`` (the encoder sees a quarter block, the probe the whole image)
+    and ``img_size=image_size`` unless given.
+    """
+    if not timm.is_model(name):
+        raise _unknown_model_error(name)
+    if output_stride not in (None, *OUTPUT_STRIDES):
+        raise ArgumentError(
+            f"output_stride={output_stride} is not allowed. Allowed: None (the model's own), "
+            f"{', '.join(map(str, OUTPUT_STRIDES))}."
+        )
+    create_kwargs = dict(kwargs)
+    if output_stride is not None:
+        create_kwargs["output_stride"] = output_stride
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **create_kwargs)
+        if hasattr(model, "dynamic_img_size") and hasattr(model, "patch_embed"):
+            create_kwargs.setdefault("dynamic_img_size", True)
+            if image_size is not None:
+                create_kwargs.setdefault("img_size", image_size)
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **create_kwargs)
+    except TypeError as err:
+        bad = ", ".join(f"{k}={v!r}" for k, v in create_kwargs.items())
+        raise ArgumentError(
+            f"timm model {name!r} does not accept these arguments ({bad}): {err}. "
+            f"Remove the argument (output_stride works for CNNs such as resnet, efficientnet, "
+            f"convnext, regnet, not mobilenetv3; ViTs set their grid with patch_size)."
+        ) from err
+    return model, create_kwargs
+
+
+class Backbone(nn.Module):
+    """A timm model seen as an encoder of one stage's NCHW feature grid.
+
+    Args:
+        name: Any timm model name (``resnet18``, ``vit_tiny_patch16_224``, ...).
+        stage: Index into ``model.feature_info`` (negative counts from the end); -1 = last stage.
+        image_size: Full image size; checked to split into quarter blocks with a >= 2 x 2 grid.
+        check_size: False skips that check (evaluation sees whole images, not quarter blocks).
+        output_stride: Dilate CNN stages for a finer grid (8, 16 or 32).
+        pretrained: Start from timm's pretrained weights (needs network access).
+        **kwargs: More ``timm.create_model`` arguments (e.g. ``patch_size=8``).
+
+    Example:
+        >>> enc = Backbone("resnet18", image_size=64, output_stride=16)
+        >>> enc(torch.randn(2, 3, 32, 32)).shape   # a quarter block -> (2, 512, 2, 2)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stage: int = -1,
+        image_size: int | None = None,
+        output_stride: int | None = None,
+        pretrained: bool = False,
+        check_size: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.model, self.create_kwargs = create_timm_model(
+            name,
+            image_size=image_size,
+            output_stride=output_stride,
+            pretrained=pretrained,
+            **kwargs,
+        )
+        self.name = name
+        info = self.model.feature_info
+        stages = len(info)
+        if not -stages <= stage < stages:
+            raise ArgumentError(
+                f"stage={stage} does not exist on {name}: it has {stages} feature stages "
+                f"(indices 0..{stages - 1} or -{stages}..-1; reductions "
+                f"{[f['reduction'] for f in info]})."
+            )
+        self.stage = stage % stages
+        self.is_last = self.stage == stages - 1
+        self.num_features = int(info[self.stage]["num_chs"])
+        self.reduction = int(info[self.stage]["reduction"])
+        self.reductions = [int(f["reduction"]) for f in info]
+        if image_size is not None and check_size:
+            self.check_image_size(image_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Feature grid (N, d, H / reduction, W / reduction) of the chosen stage."""
+        (grid,) = self.model.forward_intermediates(
+            x, indices=[self.stage], norm=self.is_last, stop_early=True, intermediates_only=True
+        )
+        return grid
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in backward (timm's own switch): less memory, more compute."""
+        try:
+            self.model.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError) as err:
+            raise ArgumentError(
+                f"grad_checkpointing=True: timm's {self.name} does not support gradient "
+                f"checkpointing ({err or type(err).__name__}). Use grad_checkpointing=False."
+            ) from err
+
+    def pooled(self, x: Tensor) -> Tensor:
+        """Global-average-pooled embedding (N, d) of the chosen stage."""
+        return self(x).mean(dim=(-2, -1))
+
+    def check_image_size(self, image_size: int) -> None:
+        """Refuse sizes whose quarter block does not give an integer grid of at least 2 x 2 cells."""
+
+        def fits(reduction: int) -> bool:
+            return image_size % (2 * reduction) == 0 and image_size // (2 * reduction) >= 2
+
+        r = self.reduction
+        if fits(r):
+            return
+        where = f"{self.name} stage {self.stage} (reduction {r})"
+        valid = range(4 * r, 4 * r + 2 * r * 64, 2 * r)
+        nearest = sorted(sorted(valid, key=lambda s: abs(s - image_size))[:2])
+        fixes = [f"image_size={' or '.join(map(str, nearest))}"]
+        if "patch_embed" not in dict(self.model.named_children()):
+            strides = [s for s in (16, 8) if s < r and fits(s)]
+            if strides:
+                g = image_size // (2 * strides[0])
+                fixes.append(f"output_stride={strides[0]} (most CNNs; block grid {g}x{g})")
+        stages = [i - len(self.reductions) for i, red in enumerate(self.reductions) if fits(red)]
+        if stages:
+            fixes.append(f"stage={stages[-1]} (reduction {self.reductions[stages[-1]]})")
+        if image_size % (2 * r):
+            problem = (
+                f"image_size={image_size} cannot be split into quarter blocks on {where}: "
+                f"it must be a multiple of 2 x {r} = {2 * r}, at least {4 * r}."
+            )
+        else:
+            g = image_size // (2 * r)
+            problem = (
+                f"image_size={image_size} gives a kept-block grid of {g}x{g} on {where}; "
+                f"the heat residual needs at least 2x2 neighbours."
+            )
+        raise ArgumentError(
+            f"{problem} Nearest sizes that work: {', '.join(map(str, nearest))}. "
+            f"Fix: {'; or '.join(fixes)}."
+        )
+
+
+def restride(backbone: Backbone, output_stride: int) -> Backbone:
+    """The same weights at another output stride (a CNN's late stages dilated, or not).
+
+    Dilation changes no weight, only how the late convolutions sample their input, so a backbone
+    pretrained at one stride can be evaluated at another: ``probe.output_stride``.
+    """
+    kwargs = dict(backbone.create_kwargs)
+    if kwargs.pop("output_stride", None) == output_stride:
+        return backbone
+    other = Backbone(
+        backbone.name,
+        stage=backbone.stage,
+        output_stride=output_stride,
+        check_size=False,
+        **kwargs,
+    )
+    other.model.load_state_dict(backbone.model.state_dict())
+    return other.train(backbone.training)

@@ -1,0 +1,64 @@
+"""Probe heads: plain modules that read a frozen backbone's features (docs/method.md, evaluation).
+
+- :class:`LinearHead`: BatchNorm without affine, then Linear, on the pooled features (MAE's protocol).
+- :class:`Tran1Head`: one transformer block (timm's ``Block``) over the grid's tokens, then the
+  linear head.
+
+Training them lives in :mod:`heatssl.probing`; the online probe of pretraining uses the linear head.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from heatssl.errors import ArgumentError
+
+
+class LinearHead(nn.Module):
+    """BatchNorm1d without affine (feature standardisation), then Linear: MAE's linear probe."""
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(in_dim, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """Logits (N, C) from pooled features (N, d)."""
+        return self.fc(self.bn(pooled))
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """Weight (C, d) and bias (C,) of the equivalent single Linear (eval-mode BN folded in).
+
+        ``logits = W' x + b'`` for pooled features x; with average pooling, ``W'`` applied at every
+        grid cell gives the class activation map whose spatial mean is the logit minus ``b'``.
+        """
+        scale = torch.rsqrt(self.bn.running_var + self.bn.eps)
+        weight = self.fc.weight * scale
+        bias = self.fc.bias - weight @ self.bn.running_mean
+        return weight, bias
+
+
+class Tran1Head(nn.Module):
+    """One transformer block over the (h x w) grid tokens, mean-pooled, then a :class:`LinearHead`."""
+
+    def __init__(self, in_dim: int, num_classes: int, tokens: int, heads: int = 0) -> None:
+        super().__init__()
+        heads = heads or max(1, in_dim // 64)
+        if in_dim % heads:
+            raise ArgumentError(
+                f"heads={heads} must divide the feature width {in_dim} (0 picks d / 64)."
+            )
+        self.pos = nn.Parameter(torch.zeros(1, tokens, in_dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        self.block = Block(in_dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True)
+        self.norm = nn.LayerNorm(in_dim)
+        self.head = LinearHead(in_dim, num_classes)
+
+    def forward(self, grid: Tensor) -> Tensor:
+        """Logits (N, C) from feature grids (N, d, h, w)."""
+        tokens = grid.flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.block(tokens)).mean(dim=1))

@@ -1,0 +1,44 @@
+"""Optimisation rules shared by pretraining, the probes and the benchmark scripts (pure torch + timm).
+
+- :func:`weight_decay_groups`: AdamW parameter groups by timm's rule (no decay on biases, norms and
+  the names a module's ``no_weight_decay()`` lists, such as the heat operators A and B).
+- :func:`scaled_lr`: MAE's linear scaling rule, ``base_lr x batch / 256``.
+- :func:`warmup_cosine`: linear warm-up, then cosine decay, as an lr multiplier per step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """MAE's linear scaling rule: ``base_lr x batch / 256``."""
+    return base_lr * batch_size / 256
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups of ``module``'s trainable parameters: decayed weights, then the rest.
+
+    timm's ``param_groups_weight_decay`` decides (1-D tensors, biases and the names
+    ``module.no_weight_decay()`` returns get none); the decayed group comes first and both groups
+    are always there, so an optimiser's state keeps one layout whatever the weights.
+    """
+    skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(module, 1.0, no_weight_decay_list=tuple(skip))
+    by_decay = {g["weight_decay"] > 0: g["params"] for g in groups}
+    return [
+        {"params": by_decay.get(True, []), "weight_decay": weight_decay},
+        {"params": by_decay.get(False, []), "weight_decay": 0.0},
+    ]

@@ -1,0 +1,174 @@
+"""QB-Heat as one plain nn.Module: quarter crop -> encode -> extrapolate -> decode -> losses.
+
+No Lightning here, so the objective can be stepped, timed and tested on its own; the LightningModule in
+:mod:`heatssl.train.module` only adds the optimiser, the schedule, logging and pictures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from heatssl.errors import check_choice
+from heatssl.model.backbone import Backbone
+from heatssl.model.decoder import ConvDecoder, DecoderNorm
+from heatssl.model.heat import InitRule, PredictorKind, StepRule, build_predictor
+from heatssl.model.heat_loss import HeatLoss
+from heatssl.model.quadrants import (
+    QUADRANTS,
+    QuadrantChoice,
+    crop_quadrant,
+    quadrant_ids,
+    quadrant_mask,
+)
+
+LossRegion = Literal["masked", "full"]
+"""Pixels the reconstruction loss scores: the three ``masked`` quadrants or the ``full`` image."""
+
+
+def patch_normalize(images: Tensor, patch: int, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """Standardise every non-overlapping ``patch`` x ``patch`` cell over its pixels and channels.
+
+    Returns the normalised images and the per-pixel mean and std (broadcast back to (N, C, H, W)), as
+    MAE's norm_pix_loss does for its targets.
+    """
+    n, c, h, w = images.shape
+    cells = images.reshape(n, c, h // patch, patch, w // patch, patch)
+    mean = cells.mean(dim=(1, 3, 5), keepdim=True)
+    std = (cells.var(dim=(1, 3, 5), keepdim=True, unbiased=False) + eps).sqrt()
+    expand = (n, c, h // patch, patch, w // patch, patch)
+    return (
+        ((cells - mean) / std).reshape(n, c, h, w),
+        mean.expand(expand).reshape(n, c, h, w),
+        std.expand(expand).reshape(n, c, h, w),
+    )
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean squared error over the pixels where ``weight`` (N, 1, H, W) is 1 (all when None)."""
+    err = (pred.float() - target.float()).pow(2).mean(dim=1, keepdim=True)
+    if weight is None:
+        return err.mean()
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@dataclass
+class QBHeatOutput:
+    """What one QB-Heat forward gives: the total loss, its parts, and the tensors for pictures."""
+
+    loss: Tensor
+    rec: Tensor
+    heat: Tensor | None
+    commute: Tensor | None
+    pred: Tensor  # decoder output, in the target's space (normalised patches when norm_pix)
+    quadrant: Tensor
+    block: Tensor  # the encoder's grid of the kept quarter (N, d, h, w)
+
+
+class QBHeat(nn.Module):
+    """Quarter-block masked image modelling with heat-equation extrapolation (docs/method.md).
+
+    Args:
+        backbone: The encoder of the kept quarter block.
+        predictor: ``heat`` (learned A, B), ``copy`` (A = B = 0, frozen) or ``mask_token``
+            (MAE-style baseline: one learned feature in the masked quadrants).
+        step: Heat step rule, ``normalized`` (default, chosen by the ablation in docs/benchmarks.md)
+            or ``euler``.
+        init: Initial A and B, ``zeros`` or ``random``.
+        quadrant: ``random`` (per sample) or a fixed quadrant name.
+        heat_weight: Weight of the heat residual loss on the encoder's own block grid.
+        commute_weight: Weight of ``||AB - BA||_F^2``.
+        commute_probes: Random probes estimating the commutator norm (0: exact).
+        decoder_width, decoder_depth, decoder_upsample_blocks, decoder_min_width, decoder_norm: See
+            :class:`ConvDecoder`.
+        region: ``masked`` (the three masked quadrants) or ``full`` (whole image) for the pixel loss.
+        norm_pix: Score against per-patch standardised pixels (patch = one grid cell).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        predictor: PredictorKind = "heat",
+        step: StepRule = "normalized",
+        init: InitRule = "zeros",
+        quadrant: QuadrantChoice = "random",
+        heat_weight: float = 0.1,
+        commute_weight: float = 1e-3,
+        commute_probes: int = 16,
+        decoder_width: int = 128,
+        decoder_depth: int = 1,
+        decoder_upsample_blocks: int = 1,
+        decoder_min_width: int = 16,
+        decoder_norm: DecoderNorm = "batch",
+        region: LossRegion = "masked",
+        norm_pix: bool = True,
+    ) -> None:
+        super().__init__()
+        check_choice("region", region, LossRegion)
+        check_choice("quadrant", quadrant, QuadrantChoice)
+        dim = backbone.num_features
+        self.backbone = backbone
+        self.predictor = build_predictor(predictor, dim, step=step, init=init)
+        operators = getattr(self.predictor, "operators", None)
+        # The mask-token baseline has no A, B of its own: the heat loss then brings its own.
+        self.heat_loss = (
+            HeatLoss(dim=dim, operators=operators, step=step)
+            if operators is not None or heat_weight > 0
+            else None
+        )
+        self.decoder = ConvDecoder(
+            dim,
+            backbone.reduction,
+            width=decoder_width,
+            depth=decoder_depth,
+            upsample_blocks=decoder_upsample_blocks,
+            min_width=decoder_min_width,
+            norm=decoder_norm,
+        )
+        self.commute_probes = commute_probes
+        self.quadrant, self.heat_weight, self.commute_weight = quadrant, heat_weight, commute_weight
+        self.region, self.norm_pix = region, norm_pix
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides biases and norms: the heat operators and the
+        [MASK] feature (timm's ``no_weight_decay`` convention)."""
+        return {n for n, _ in self.named_parameters() if n.startswith(("predictor.", "heat_loss."))}
+
+    def sample_quadrants(self, n: int, device: torch.device) -> Tensor:
+        """One kept-quadrant id per sample: random, or the configured fixed one."""
+        if self.quadrant == "random":
+            return torch.randint(0, 4, (n,), device=device)
+        return torch.full((n,), QUADRANTS.index(self.quadrant), device=device, dtype=torch.long)
+
+    def target(self, images: Tensor) -> Tensor:
+        """What the decoder is asked to produce: the image, per-patch standardised if norm_pix."""
+        if not self.norm_pix:
+            return images
+        return patch_normalize(images, self.backbone.reduction)[0]
+
+    def forward(self, images: Tensor, quadrant: Tensor | None = None) -> QBHeatOutput:
+        """Run the objective on a batch of full images (N, 3, H, W)."""
+        n, _, h, w = images.shape
+        if quadrant is None:
+            q = self.sample_quadrants(n, images.device)
+        else:
+            q = quadrant_ids(quadrant, n, images.device)
+        block = self.backbone(crop_quadrant(images, q))
+        pred = self.decoder(self.predictor(block, q))
+        weight = quadrant_mask(q, h, w) if self.region == "masked" else None
+        rec = reconstruction_loss(pred, self.target(images), weight)
+        loss, heat, commute = rec, None, None
+        if self.heat_loss is not None and self.heat_weight > 0:
+            heat = self.heat_loss(block)
+            loss = loss + self.heat_weight * heat
+        if (
+            self.heat_loss is not None
+            and self.commute_weight > 0
+            and self.heat_loss.operators.A.requires_grad
+        ):
+            commute = self.heat_loss.operators.commutator(self.commute_probes)
+            loss = loss + self.commute_weight * commute
+        return QBHeatOutput(loss, rec, heat, commute, pred, q, block)

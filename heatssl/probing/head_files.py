@@ -1,0 +1,74 @@
+"""Trained probe heads on disk: safetensors files with what rebuilds them (sizes, class names).
+
+``heatssl probe`` writes ``linear_head.safetensors`` and ``tran1_head.safetensors``; heat maps read
+the linear one back with :func:`load_linear_head`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from heatssl.errors import ArgumentError, CheckpointError
+from heatssl.model.heads import LinearHead, Tran1Head
+
+HEAD_FORMAT = "heatssl-head-v1"
+_RESERVED = {"format", "kind", "class_names", "tokens", "heads", "in_dim", "num_classes"}
+
+
+def save_head(head: nn.Module, path: str | Path, class_names: list[str], **meta: Any) -> Path:
+    """Write a trained head as safetensors with what is needed to rebuild it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _RESERVED & set(meta):
+        raise ArgumentError(f"meta={sorted(_RESERVED & set(meta))}: these names are reserved.")
+    kind = "linear" if isinstance(head, LinearHead) else "tran1"
+    info = {"format": HEAD_FORMAT, "kind": kind, "class_names": class_names, **meta}
+    if isinstance(head, Tran1Head):
+        info["tokens"] = head.pos.shape[1]
+        info["heads"] = head.block.attn.num_heads
+    linear = head if isinstance(head, LinearHead) else head.head
+    info["in_dim"], info["num_classes"] = linear.fc.in_features, linear.fc.out_features
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, str(path), metadata={"heatssl": json.dumps(info)})
+    return path
+
+
+def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a head saved by :func:`save_head`; return it (eval mode) and its metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("heatssl")
+    info = json.loads(raw) if raw else {}
+    if info.get("format") != HEAD_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a heatssl probe head (write one with `heatssl probe`)."
+        )
+    c = info["num_classes"]
+    if info["kind"] == "linear":
+        head: nn.Module = LinearHead(info["in_dim"], c)
+    else:
+        head = Tran1Head(info["in_dim"], c, tokens=info["tokens"], heads=info["heads"])
+    head.load_state_dict(load_file(str(path)))
+    return head.eval(), info
+
+
+def load_linear_probe(path: str | Path) -> tuple[LinearHead, dict[str, Any]]:
+    """The linear probe head and all its metadata; other heads are refused (CAMs need this one)."""
+    head, info = load_head(path)
+    if not isinstance(head, LinearHead):
+        raise CheckpointError(
+            f"{path} is a {info['kind']} head; CAMs need the linear probe head "
+            f"(linear_head.safetensors in the probe folder)."
+        )
+    return head, info
+
+
+def load_linear_head(path: str | Path) -> tuple[LinearHead, list[str]]:
+    """The linear probe head saved by ``heatssl probe`` and its class names."""
+    head, info = load_linear_probe(path)
+    return head, list(info["class_names"])

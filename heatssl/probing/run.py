@@ -1,0 +1,170 @@
+"""Probe runs: resolve a backbone (checkpoint, exported file or bare timm name), cache its features
+once, train the probes, and write heads, metrics JSON and a markdown table into an output folder.
+
+A probe folder holds ``metrics.json``, ``metrics.md``, the trained heads (``<kind>_head.safetensors``)
+and the resolved ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heatssl.config import Config, config_keys, load_config, save_config
+from heatssl.data.module import build_datamodule
+from heatssl.errors import CheckpointError, ConfigError
+from heatssl.model.backbone import Backbone, restride
+from heatssl.model.export import load_exported_backbone, read_export_metadata
+from heatssl.probing.features import FeatureCache, build_cache
+from heatssl.probing.head_files import save_head
+from heatssl.probing.probes import run_probes
+from heatssl.probing.report import metrics_markdown
+from heatssl.train.build import MODEL_KEYS, build_backbone
+from heatssl.train.run import backbone_from_checkpoint, load_checkpoint_config
+
+
+@dataclass
+class ProbeResult:
+    """Where a probe run wrote its files, and its metrics."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    cache: FeatureCache
+
+
+def source_kind(source: str) -> str:
+    """``checkpoint`` (.ckpt), ``export`` (.safetensors) or ``timm`` (a model name)."""
+    suffix = Path(source).suffix
+    if suffix in (".ckpt", ".safetensors"):
+        if not Path(source).is_file():
+            raise CheckpointError(
+                f"Backbone file {source} does not exist. Give a pretraining .ckpt, an exported "
+                f".safetensors file, or a timm model name (random initialisation)."
+            )
+        return "checkpoint" if suffix == ".ckpt" else "export"
+    return "timm"
+
+
+def probe_config(source: str, config: str | None, overrides: list[str] | None) -> Config:
+    """The config of a probe run: ``config`` if given, else the checkpoint's own, else defaults."""
+    if config is not None:
+        cfg_source: Any = config
+    elif source_kind(source) == "checkpoint":
+        cfg_source = load_checkpoint_config(source).to_dict()
+    else:
+        cfg_source = None
+    return load_config(cfg_source, overrides)
+
+
+def _check_named_model(cfg: Config, found: str, source: str, named: Collection[str]) -> None:
+    if "backbone" in named and cfg.model.backbone != found:
+        raise ConfigError(
+            f"{source} holds a {found!r} backbone but the config names model.backbone="
+            f"{cfg.model.backbone!r}. Drop the model.backbone setting or use a matching file."
+        )
+
+
+def _check_named_stride(cfg: Config, loaded: Backbone, source: str, named: Collection[str]) -> None:
+    stride = loaded.create_kwargs.get("output_stride")
+    if "output_stride" in named and cfg.model.output_stride != stride:
+        raise ConfigError(
+            f"model.output_stride={cfg.model.output_stride} cannot change {source}: a trained "
+            f"backbone keeps the stride it was built with ({stride}). To evaluate it at another "
+            f"stride set probe.output_stride={cfg.model.output_stride} instead."
+        )
+
+
+def resolve_backbone(source: str, cfg: Config, named: Collection[str] = ()) -> Backbone:
+    """The frozen backbone to probe: trained weights from a file, or a random-init timm model.
+
+    ``named`` lists the ``model.*`` keys the user set explicitly (``backbone``, ``output_stride``):
+    a file's backbone must match the name, and its stride is changed with ``probe.output_stride``
+    only. With ``probe.output_stride`` set, the backbone is re-dilated to it (same weights).
+    """
+    backbone = _resolve(source, cfg, named)
+    if source_kind(source) != "timm":
+        _check_named_stride(cfg, backbone, source, named)
+    if cfg.probe.output_stride is not None:
+        with config_keys(output_stride="probe.output_stride"):
+            backbone = restride(backbone, cfg.probe.output_stride)
+    return backbone
+
+
+def _resolve(source: str, cfg: Config, named: Collection[str]) -> Backbone:
+    kind = source_kind(source)
+    size = cfg.data.image_size
+    if kind == "checkpoint":
+        _check_named_model(cfg, load_checkpoint_config(source).model.backbone, source, named)
+        return backbone_from_checkpoint(source)
+    if kind == "export":
+        _check_named_model(cfg, read_export_metadata(source)["model_name"], source, named)
+        with config_keys(**MODEL_KEYS):
+            return load_exported_backbone(source, image_size=size, check_size=False)
+    # the baseline is random initialisation of the named model (the caller's config is left as is)
+    model = dataclasses.replace(cfg.model, backbone=source, pretrained=False)
+    return build_backbone(model, size, check_size=False)
+
+
+def default_out_dir(source: str, cfg: Config) -> Path:
+    """``probe.out_dir``, else <run folder>/probe for a checkpoint, else runs/probe_<name>."""
+    if cfg.probe.out_dir:
+        return Path(cfg.probe.out_dir)
+    if source_kind(source) == "checkpoint":
+        return Path(source).resolve().parent.parent / "probe"
+    return Path("runs") / f"probe_{Path(source).stem}"
+
+
+def probe(
+    source: str,
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    named: Collection[str] = (),
+    title: str | None = None,
+) -> ProbeResult:
+    """Probe the backbone ``source`` on ``cfg.data`` with ``cfg.probe``; write the output folder."""
+    out = Path(out_dir) if out_dir is not None else default_out_dir(source, cfg)
+    torch.manual_seed(cfg.seed)
+    backbone = resolve_backbone(source, cfg, named=named)
+    data = build_datamodule(cfg.data, seed=cfg.seed)
+    batch = max(cfg.data.batch_size, 128)
+    cache = build_cache(
+        backbone,
+        data.feature_dataloader("train", batch),
+        data.feature_dataloader("val", batch),
+        data.class_names,
+    )
+    metrics, heads = run_probes(cache, cfg.probe)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    for kind, head in heads.items():
+        save_head(
+            head,
+            out / f"{kind}_head.safetensors",
+            cache.class_names,
+            backbone=backbone.name,
+            source=str(source),
+            stage=backbone.stage,
+            output_stride=backbone.create_kwargs.get("output_stride"),
+        )
+    report = {
+        "source": str(source),
+        "backbone": backbone.name,
+        "dataset": cfg.data.name,
+        "image_size": cfg.data.image_size,
+        "train_images": len(cache.train),
+        "val_images": len(cache.val),
+        "output_stride": backbone.create_kwargs.get("output_stride"),
+        "feature_grid": list(cache.train.grids.shape[1:]),
+        "extract_seconds": cache.seconds,
+        "probes": metrics,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    table = metrics_markdown(metrics, title or f"{backbone.name} ({source}) on {cfg.data.name}")
+    (out / "metrics.md").write_text(table)
+    return ProbeResult(out, report, cache)

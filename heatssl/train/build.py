@@ -1,0 +1,83 @@
+"""From a config to objects: the backbone, the QB-Heat objective, and the batch and lr they train with.
+
+The model layer raises errors in its own argument names; building through here re-words them with
+the config's keys (:func:`heatssl.config.config_keys`), so a user reads ``data.image_size=50`` and
+``model.output_stride=16``, the keys they can set.
+"""
+
+from __future__ import annotations
+
+from heatssl.config import Config, ModelConfig, config_keys
+from heatssl.model.backbone import Backbone
+from heatssl.model.optim import scaled_lr
+from heatssl.model.qbheat import QBHeat
+
+MODEL_KEYS = {
+    "name": "model.backbone",
+    "stage": "model.stage",
+    "output_stride": "model.output_stride",
+    "grad_checkpointing": "model.grad_checkpointing",
+    "image_size": "data.image_size",
+}
+
+
+def build_backbone(model_cfg: ModelConfig, image_size: int, check_size: bool = True) -> Backbone:
+    """The :class:`Backbone` a ``model`` config section describes (its errors in config keys)."""
+    with config_keys(**MODEL_KEYS):
+        backbone = Backbone(
+            model_cfg.backbone,
+            stage=model_cfg.stage,
+            image_size=image_size,
+            output_stride=model_cfg.output_stride,
+            pretrained=model_cfg.pretrained,
+            check_size=check_size,
+            **model_cfg.kwargs,
+        )
+        if model_cfg.grad_checkpointing:
+            backbone.set_grad_checkpointing(True)
+    return backbone
+
+
+def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
+    """QB-Heat from the ``heat``, ``decoder`` and ``loss`` sections (and ``model`` / ``data`` for
+    the backbone, unless one is given)."""
+    if backbone is None:
+        backbone = build_backbone(cfg.model, cfg.data.image_size)
+    h, d, lo = cfg.heat, cfg.decoder, cfg.loss
+    return QBHeat(
+        backbone,
+        predictor=h.predictor,
+        step=h.step,
+        init=h.init,
+        quadrant=h.quadrant,
+        heat_weight=h.heat_weight,
+        commute_weight=h.commute_weight,
+        commute_probes=h.commute_probes,
+        decoder_width=d.width,
+        decoder_depth=d.depth,
+        decoder_upsample_blocks=d.upsample_blocks,
+        decoder_min_width=d.min_width,
+        decoder_norm=d.norm,
+        region=lo.region,
+        norm_pix=lo.norm_pix,
+    )
+
+
+def effective_batch(cfg: Config, processes: int) -> int:
+    """Per-device batch x processes (devices x nodes) x gradient accumulation."""
+    return cfg.data.batch_size * processes * cfg.trainer.accumulate_grad_batches
+
+
+def peak_lr(cfg: Config, processes: int) -> float:
+    """The peak lr: base_lr x effective batch / 256 (MAE's scaling rule)."""
+    return scaled_lr(cfg.optim.base_lr, effective_batch(cfg, processes))
+
+
+def scale_line(cfg: Config, devices: int, nodes: int) -> str:
+    """The effective batch and the lr that follows it, spelled out (printed at every start)."""
+    batch = effective_batch(cfg, devices * nodes)
+    return (
+        f"effective batch {batch} = {cfg.data.batch_size} per device x {devices} devices x "
+        f"{nodes} nodes x {cfg.trainer.accumulate_grad_batches} accumulation; "
+        f"lr {peak_lr(cfg, devices * nodes):.4g} = base_lr {cfg.optim.base_lr:g} x {batch} / 256"
+    )

@@ -1,0 +1,182 @@
+"""The LightningModule of QB-Heat pretraining: optimiser, schedule, logging and the online probe.
+
+The objective itself is :class:`heatssl.model.qbheat.QBHeat`; this module only trains it. Its
+hyperparameters are the resolved run config as a plain dict, so a checkpoint alone rebuilds the model.
+Pictures are drawn by :class:`heatssl.train.callbacks.ReconstructionPictures` through
+:meth:`HeatPretrainModule.reconstruct`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from heatssl.config import Config, load_config
+from heatssl.data.datasets import Batch
+from heatssl.data.transforms import denormalize
+from heatssl.errors import NonFiniteLossError
+from heatssl.model.heads import LinearHead
+from heatssl.model.optim import warmup_cosine, weight_decay_groups
+from heatssl.model.qbheat import patch_normalize
+from heatssl.model.quadrants import crop_quadrant, quadrant_mask
+from heatssl.train.build import build_qbheat, peak_lr
+from heatssl.train.checkpoint import restore_rng, rng_state
+
+
+def _can_fuse(params: Any) -> bool:
+    """Fused AdamW (one kernel for all tensors) where every parameter allows it."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+
+
+class HeatPretrainModule(L.LightningModule):
+    """Train :class:`QBHeat` with AdamW, warm-up + cosine, lr = base_lr x effective batch / 256.
+
+    Args:
+        config: The run config (a :class:`Config` or its ``to_dict()``).
+        num_classes: Classes of the data; with ``probe.online`` it adds the online linear probe.
+    """
+
+    def __init__(self, config: Config | dict[str, Any], num_classes: int | None = None) -> None:
+        super().__init__()
+        cfg = config if isinstance(config, Config) else load_config(config)
+        self.save_hyperparameters({"config": cfg.to_dict(), "num_classes": num_classes})
+        self.cfg = cfg
+        self.qbheat = build_qbheat(cfg)
+        if cfg.trainer.channels_last:
+            self.qbheat.to(memory_format=torch.channels_last)
+        self.online: LinearHead | None = None
+        if cfg.probe.online and num_classes:
+            # Trained on detached kept-quarter features: a cheap signal to watch, not the real probe.
+            self.online = LinearHead(self.qbheat.backbone.num_features, num_classes)
+            self.online_train_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.online_val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def configure_model(self) -> None:
+        """Compile the backbone and decoder in place (state-dict keys unchanged), when asked."""
+        t = self.cfg.trainer
+        if t.compile and not getattr(self, "_compiled", False):
+            self.qbheat.backbone.compile(mode=t.compile_mode)
+            self.qbheat.decoder.compile(mode=t.compile_mode)
+            self._compiled = True
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The timm backbone adapter being pretrained."""
+        return self.qbheat.backbone
+
+    def learning_rate(self) -> float:
+        """The peak lr: base_lr x effective batch / 256 for this Trainer's processes."""
+        return peak_lr(self.cfg, self.trainer.world_size if self._trainer is not None else 1)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images = batch[0]
+        if self.cfg.trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        out = self.qbheat(images)
+        parts = {"train/loss": out.loss, "train/rec": out.rec}
+        if out.heat is not None:
+            parts["train/heat"] = out.heat
+        if out.commute is not None:
+            parts["train/commute"] = out.commute
+        self._stop_if_not_finite(parts)
+        self.log_dict(parts, prog_bar=False, sync_dist=False, batch_size=images.shape[0])
+        self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=images.shape[0])
+        if self.online is None:
+            return out.loss
+        logits = self.online(out.block.detach().float().mean(dim=(-2, -1)))
+        online_loss = F.cross_entropy(logits, batch[1])
+        self.online_train_acc(logits, batch[1])
+        self.log("online/train_loss", online_loss, batch_size=images.shape[0])
+        self.log("online/train_top1", self.online_train_acc, on_step=False, on_epoch=True)
+        return out.loss + online_loss
+
+    def _stop_if_not_finite(self, parts: dict[str, Tensor]) -> None:
+        """Stop before a non-finite loss reaches the weights (on every process, if any has one)."""
+        bad = not bool(torch.isfinite(parts["train/loss"].detach()).item())
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        values = ", ".join(f"{k.split('/')[-1]}={float(v.detach()):.4g}" for k, v in parts.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {values}. "
+            f"The weights were not updated with it and the last checkpoint is the last good one. "
+            f"Fix: lower optim.base_lr (now {self.cfg.optim.base_lr:g}), keep "
+            f"trainer.gradient_clip_val set, or train in full precision "
+            f"(trainer.precision=32-true; now {self.cfg.trainer.precision}); then --resume."
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the random generators, so a resumed run draws what an unbroken one would."""
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random generators of a checkpoint (older checkpoints have none)."""
+        if "rng_state" in checkpoint and self._trainer is not None:
+            restore_rng(checkpoint["rng_state"])
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        """Online-probe accuracy on val images' kept quarters (all four quadrants in turn)."""
+        if self.online is None:
+            return
+        images, labels = batch[0], batch[1]
+        if images.shape[0] == 0:  # every file of this batch was unreadable (and reported)
+            return
+        q = torch.arange(images.shape[0], device=images.device) % 4
+        pooled = self.backbone(crop_quadrant(images, q)).float().mean(dim=(-2, -1))
+        self.online_val_acc(self.online(pooled), labels)
+        self.log("online/val_top1", self.online_val_acc, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no decay on biases, norms, A, B, the [MASK] feature and the online probe)."""
+        opt = self.cfg.optim
+        groups = weight_decay_groups(self.qbheat, opt.weight_decay)
+        if self.online is not None:
+            groups[1]["params"] = [*self.online.parameters(), *groups[1]["params"]]
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=self.learning_rate(),
+            betas=tuple(opt.betas),
+            fused=_can_fuse(self.qbheat.parameters()),
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs))
+        warmup = int(opt.warmup_epochs * per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, opt.min_lr_ratio)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Images in [0, 1], the masked-region mask and the reconstruction in [0, 1] (eval mode).
+
+        Quadrants cycle through all four over the batch. With norm_pix the decoder predicts
+        standardised patches; they are shown with the true patches' mean and std, as MAE does.
+        """
+        was_training = self.qbheat.training
+        self.qbheat.eval()
+        q = torch.arange(images.shape[0], device=images.device) % 4
+        out = self.qbheat(images, quadrant=q)
+        self.qbheat.train(was_training)
+        pred = out.pred.float()
+        if self.qbheat.norm_pix:
+            _, mean, std = patch_normalize(images.float(), self.backbone.reduction)
+            pred = pred * std + mean
+        mask = quadrant_mask(q, images.shape[-2], images.shape[-1])
+        return denormalize(images.float()), mask, denormalize(pred)
+
+    @property
+    def picture_note(self) -> str:
+        """What the reconstruction row shows (norm-pix predictions need the input's patch stats)."""
+        if self.qbheat.norm_pix:
+            return "norm-pix: predicted patches shown with the input's patch mean and std"
+        return "predicted pixels"

@@ -1,0 +1,150 @@
+"""Pretraining runs as the CLI and scripts call them: pretrain, resume, export, read a checkpoint.
+
+A run folder holds ``config.yaml`` (the resolved config: rerun with ``heatssl pretrain -c`` on it),
+``checkpoints/`` (``last.ckpt`` plus one per epoch), ``pictures/`` and ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+
+from heatssl.config import Config, load_config, save_config
+from heatssl.data.module import build_datamodule
+from heatssl.data.throughput import loader_throughput
+from heatssl.errors import CheckpointError, ConfigError
+from heatssl.model.backbone import Backbone
+from heatssl.model.export import export_backbone
+from heatssl.train.build import scale_line
+from heatssl.train.checkpoint import pickle_trusted, safe_torch_load
+from heatssl.train.module import HeatPretrainModule
+from heatssl.train.trainer import build_trainer, checkpoint_dir
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished pretraining run left its files, and what it cost."""
+
+    run_dir: Path
+    last_checkpoint: Path
+    seconds: float
+    global_step: int
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> str | None:
+    """The checkpoint to resume from: ``last`` (this run folder's last.ckpt), ``auto``, or a path.
+
+    ``auto`` takes the newest of last.ckpt and the SLURM requeue checkpoints Lightning writes
+    (``hpc_ckpt_*.ckpt``), and starts afresh when there is none: the setting for preemptible jobs.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = [
+            p
+            for p in [
+                checkpoint_dir(cfg.run_dir) / "last.ckpt",
+                *Path(cfg.run_dir).glob("hpc_ckpt_*.ckpt"),
+            ]
+            if p.is_file()
+        ]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+    path = checkpoint_dir(cfg.run_dir) / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {resume}: no checkpoint at {path}. Give a .ckpt path, 'last' with the "
+            f"run's config (run_dir={cfg.run_dir}), or 'auto' to start afresh when there is none."
+        )
+    return str(path)
+
+
+def pretrain(
+    cfg: Config, resume: str | None = None, callbacks: list[L.Callback] | None = None
+) -> PretrainResult:
+    """Pretrain with QB-Heat as ``cfg`` says; write the run folder; return where things are.
+
+    ``callbacks`` are extra Lightning callbacks (monitors, custom logging) added to the Trainer.
+    """
+    ckpt_path = resolve_resume(cfg, resume)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.run_dir)
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    if not cfg.data.download:
+        datamodule.setup("fit")  # a missing or malformed dataset stops here, before anything runs
+    classes = datamodule.num_classes if cfg.probe.online else None
+    module = HeatPretrainModule(cfg, num_classes=classes)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    if trainer.is_global_zero:
+        save_config(cfg, run_dir / "config.yaml")
+        print(
+            f"heatssl: {cfg.model.backbone} on {cfg.data.name}, "
+            f"{scale_line(cfg, trainer.num_devices, trainer.num_nodes)}, run folder {run_dir}"
+        )
+    start = time.perf_counter()
+    if ckpt_path is not None:
+        # A checkpoint needing pickle stops here with the reason; mapped, so the tensors are not
+        # read twice (Lightning loads the file next).
+        safe_torch_load(ckpt_path, mmap=True)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_trusted()
+    )
+    return PretrainResult(
+        run_dir=run_dir,
+        last_checkpoint=checkpoint_dir(run_dir) / "last.ckpt",
+        seconds=time.perf_counter() - start,
+        global_step=trainer.global_step,
+    )
+
+
+def benchmark_loader(cfg: Config, batches: int = 50, warmup: int = 5) -> dict[str, float]:
+    """Images/s of ``cfg``'s training loader alone, as the Trainer would build it."""
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    datamodule.setup("fit")
+    return loader_throughput(
+        datamodule.train_dataloader(), batches, warmup, progress=cfg.trainer.progress_bar
+    )
+
+
+def _read_checkpoint(path: str | Path) -> tuple[Config, dict, int | None]:
+    """Config, state dict and class count of a pretraining checkpoint (loaded safely, weights only)."""
+    ckpt = safe_torch_load(path)
+    try:
+        hp = ckpt["hyper_parameters"]
+        return load_config(hp["config"]), ckpt["state_dict"], hp.get("num_classes")
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{path} is not a heatssl pretraining checkpoint (no hyper_parameters.config). "
+            f"Give a checkpoint from `heatssl pretrain` (RUN/checkpoints/last.ckpt)."
+        ) from err
+
+
+def load_checkpoint_config(path: str | Path) -> Config:
+    """The run config stored inside a pretraining checkpoint."""
+    return _read_checkpoint(path)[0]
+
+
+def module_from_checkpoint(path: str | Path) -> HeatPretrainModule:
+    """The pretraining module of a checkpoint, in eval mode."""
+    cfg, state, num_classes = _read_checkpoint(path)
+    cfg.model.pretrained = False  # the weights come from the checkpoint, never from a download
+    module = HeatPretrainModule(cfg, num_classes=num_classes)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def backbone_from_checkpoint(path: str | Path) -> Backbone:
+    """The pretrained backbone of a pretraining checkpoint."""
+    return module_from_checkpoint(path).backbone
+
+
+def export(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """Export a checkpoint's backbone to safetensors (default: next to the run's checkpoints)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise CheckpointError(f"Checkpoint {checkpoint} does not exist. Give a .ckpt file path.")
+    if out is None:
+        out = checkpoint.parent.parent / "backbone.safetensors"
+    return export_backbone(backbone_from_checkpoint(checkpoint), out)

@@ -1,0 +1,90 @@
+"""The timm adapter: grids of CNNs and ViTs, size checks in the adapter's own words, re-striding."""
+
+import pytest
+import torch
+
+from heatssl.errors import ArgumentError
+from heatssl.model.backbone import Backbone, restride
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "grid", "dim"),
+    [
+        ("test_resnet", {}, 128, (4, 4), 96),
+        ("test_resnet", {"output_stride": 16}, 64, (4, 4), 96),
+        ("test_vit", {"patch_size": 8}, 64, (8, 8), 64),
+    ],
+)
+def test_grid_shape_and_reduction(name, kwargs, size, grid, dim):
+    backbone = Backbone(name, image_size=size, **kwargs)
+    assert backbone.num_features == dim
+    assert backbone.reduction == size // grid[0]
+    out = backbone(torch.randn(2, 3, size, size))
+    assert out.shape == (2, dim, *grid)
+    # the quarter block gives half the grid on each side
+    assert backbone(torch.randn(2, 3, size // 2, size // 2)).shape[-2:] == (
+        grid[0] // 2,
+        grid[1] // 2,
+    )
+    assert backbone.pooled(torch.randn(2, 3, size, size)).shape == (2, dim)
+
+
+def test_vit_takes_any_grid_from_the_model():
+    backbone = Backbone("test_vit", image_size=32, patch_size=4)
+    assert backbone.create_kwargs["dynamic_img_size"] is True
+    assert backbone(torch.randn(1, 3, 16, 24)).shape == (1, 64, 4, 6)  # non-square
+
+
+def test_earlier_stage_is_finer():
+    backbone = Backbone("test_resnet", stage=-2, image_size=64)
+    assert backbone.reduction == 16
+    assert backbone(torch.randn(1, 3, 64, 64)).shape[-2:] == (4, 4)
+
+
+def test_unknown_backbone_names_close_matches():
+    with pytest.raises(ArgumentError, match=r"name='resnet19'.*Close names: .*resnet18"):
+        Backbone("resnet19", image_size=64)
+
+
+def test_size_not_divisible_names_nearest_sizes():
+    with pytest.raises(ArgumentError, match=r"image_size=100.*multiple of 2 x 32 = 64.*128, 192"):
+        Backbone("test_resnet", image_size=100)
+
+
+def test_block_grid_too_small_names_the_fixes_in_argument_names():
+    with pytest.raises(ArgumentError) as err:
+        Backbone("test_resnet", image_size=64)
+    msg = str(err.value)
+    assert "1x1" in msg and "at least 2x2" in msg
+    assert "Fix: image_size=128 or 192" in msg
+    assert "; or output_stride=16" in msg
+    assert "; or stage=-2" in msg
+    assert "model." not in msg and "data." not in msg  # config keys are the config layer's words
+
+
+def test_bad_stage_stride_and_unsupported_argument():
+    with pytest.raises(ArgumentError, match=r"^stage=7 does not exist"):
+        Backbone("test_resnet", stage=7)
+    with pytest.raises(ArgumentError, match=r"^output_stride=12 is not allowed"):
+        Backbone("test_resnet", output_stride=12)
+    with pytest.raises(ArgumentError, match="output_stride"):
+        Backbone("test_vit", image_size=32, output_stride=16)
+
+
+def test_restride_keeps_the_weights_and_refines_the_grid():
+    torch.manual_seed(0)
+    coarse = Backbone("test_resnet", output_stride=16).eval()
+    fine = restride(coarse, 8)
+    assert restride(coarse, 16) is coarse  # already at that stride
+    assert not fine.training and fine.create_kwargs["output_stride"] == 8
+    for key, value in coarse.model.state_dict().items():
+        assert torch.equal(value, fine.model.state_dict()[key]), key
+    x = torch.randn(2, 3, 32, 32)
+    assert coarse(x).shape[-2:] == (2, 2) and fine(x).shape[-2:] == (4, 4)
+    back = restride(fine, 16)
+    assert torch.allclose(back(x), coarse(x), atol=1e-6)  # same weights, same stride: same grid
+
+
+def test_restride_a_vit_is_refused():
+    with pytest.raises(ArgumentError, match="output_stride"):
+        restride(Backbone("test_vit", image_size=64), 8)

@@ -1,0 +1,46 @@
+"""Optimisation rules: warm-up + cosine, the lr scaling rule, weight-decay groups."""
+
+import itertools
+
+import pytest
+
+from heatssl.model.backbone import Backbone
+from heatssl.model.heads import LinearHead
+from heatssl.model.optim import scaled_lr, warmup_cosine, weight_decay_groups
+from heatssl.model.qbheat import QBHeat
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, warmup=10, total=100) == pytest.approx(0.1)
+    assert warmup_cosine(9, warmup=10, total=100) == pytest.approx(1.0)
+    assert warmup_cosine(10, warmup=10, total=100) == pytest.approx(1.0)
+    assert warmup_cosine(55, warmup=10, total=100) == pytest.approx(0.5)
+    assert warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
+    mids = [warmup_cosine(s, 10, 100) for s in range(10, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(mids))  # never rises after warm-up
+
+
+def test_lr_scales_with_batch():
+    assert scaled_lr(1.5e-4, 256) == pytest.approx(1.5e-4)
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+
+
+def test_weight_decay_groups_spare_biases_norms_and_the_heat_operators():
+    model = QBHeat(Backbone("test_resnet", image_size=64, output_stride=16), decoder_width=16)
+    decayed, spared = weight_decay_groups(model, 0.05)
+    assert decayed["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    assert {"predictor.operators.A", "predictor.operators.B"} <= spared_names
+    assert all(p.ndim >= 2 for p in decayed["params"])
+    assert any(n.startswith("backbone.") for n in decayed_names)
+    assert not any(n.endswith(".bias") for n in decayed_names)
+    assert len(decayed_names) + len(spared_names) == len(list(model.parameters()))
+
+
+def test_weight_decay_groups_keep_their_layout_with_no_decay():
+    model = LinearHead(4, 2)
+    decayed, spared = weight_decay_groups(model, 0.0)  # timm puts all in one group here
+    assert [p.shape for p in decayed["params"]] == [(2, 4)]
+    assert len(spared["params"]) == 1 and decayed["weight_decay"] == 0.0

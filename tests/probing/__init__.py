@@ -1,0 +1,1 @@
+"""Tests of heatssl; the folders mirror the package."""

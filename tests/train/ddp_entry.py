@@ -1,0 +1,36 @@
+"""``heatssl`` as a script that records which process rank writes which file (for the DDP tests).
+
+Lightning's DDP launcher re-runs this same script for every extra rank, so each rank records its own
+writes (checkpoints, pictures, the run config) into ``$HEATSSL_WRITES_DIR/rank<R>.log``. The real
+functions still run: this only watches them.
+"""
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import heatssl.train.callbacks
+import heatssl.train.run
+from heatssl.cli import main
+from heatssl.train.checkpoint import AtomicCheckpointIO
+
+
+def _record(fn, path_arg: int):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        rank = os.environ.get("LOCAL_RANK", "0")
+        log = Path(os.environ["HEATSSL_WRITES_DIR"]) / f"rank{rank}.log"
+        with log.open("a") as f:
+            f.write(f"{fn.__name__} {args[path_arg]}\n")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+AtomicCheckpointIO.save_checkpoint = _record(AtomicCheckpointIO.save_checkpoint, 2)
+heatssl.train.callbacks.save_figure = _record(heatssl.train.callbacks.save_figure, 1)
+heatssl.train.run.save_config = _record(heatssl.train.run.save_config, 1)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""``heatssl`` as a script that logs every training step and can hang at a given step (kill tests).
+
+Each step appends ``<global step> <checksum of the batch's images>`` to ``$HEATSSL_STEP_LOG`` (flushed,
+so the lines of a killed process survive). With ``$HEATSSL_HANG_AT_STEP=N`` the process writes
+``$HEATSSL_STEP_LOG.hang`` when step N is about to start (so every checkpoint up to step N is on
+disk) and sleeps until the test kills it. The real CLI and Trainer run; this only watches them.
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+
+import heatssl.train.run
+from heatssl.cli import main
+
+
+class StepLog(L.Callback):
+    """Writes the step and a checksum of its images; hangs at ``$HEATSSL_HANG_AT_STEP``."""
+
+    def __init__(self, path: Path, hang_at: int | None) -> None:
+        self.path, self.hang_at = path, hang_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.hang_at is not None and trainer.global_step == self.hang_at:
+            Path(f"{self.path}.hang").write_text(str(trainer.global_step))
+            time.sleep(600)
+        with self.path.open("a") as f:
+            f.write(f"{trainer.global_step} {float(batch[0].double().sum()):.6f}\n")
+
+
+def _with_step_log(build_trainer):
+    def wrapper(cfg, run_dir, callbacks=None):
+        hang = os.environ.get("HEATSSL_HANG_AT_STEP")
+        log = StepLog(Path(os.environ["HEATSSL_STEP_LOG"]), int(hang) if hang else None)
+        return build_trainer(cfg, run_dir, [*(callbacks or []), log])
+
+    return wrapper
+
+
+heatssl.train.run.build_trainer = _with_step_log(heatssl.train.run.build_trainer)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Real multi-process DDP on the CPU (gloo): the same code path a multi-GPU run takes.
+
+Two processes with per-device batch 8 must train the same weights as one process with batch 16 (the
+same global batch), only rank 0 may write files, and a 2-process run resumed from a mid-run
+checkpoint must end where the uninterrupted run ended.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from heatssl.cli import main
+
+ENTRY = Path(__file__).with_name("ddp_entry.py")
+
+
+def _overrides(run_dir: Path, batch: int, devices: int) -> list[str]:
+    # One step per epoch (16 training images), no randomness that differs between ranks: no
+    # augmentation, a fixed quadrant, exact commutator. A ViT and a GroupNorm decoder: no BatchNorm
+    # statistics per rank (torch's SyncBatchNorm, the fix on GPUs, refuses CPU modules).
+    return [
+        f"run_dir={run_dir}",
+        "model.backbone=test_vit",
+        "model.kwargs.patch_size=4",
+        "model.output_stride=null",
+        "data.name=synthetic",
+        "data.synthetic_size=16",
+        "data.val_fraction=0",
+        "data.image_size=32",
+        f"data.batch_size={batch}",
+        "data.num_workers=0",
+        "data.augment=none",
+        "heat.quadrant=top_left",
+        "heat.commute_probes=0",
+        "decoder.width=16",
+        "decoder.norm=group",
+        "optim.base_lr=0.01",
+        "optim.warmup_epochs=0",
+        "trainer.max_epochs=3",
+        "trainer.accelerator=cpu",
+        f"trainer.devices={devices}",
+        f"trainer.strategy={'ddp' if devices > 1 else 'auto'}",
+        "trainer.progress_bar=false",
+        "trainer.logger=none",
+    ]
+
+
+def _ddp(args: list[str], writes: Path) -> subprocess.CompletedProcess:
+    writes.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HEATSSL_WRITES_DIR": str(writes), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ENTRY), "pretrain", "-c", "demo", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v.double() for k, v in state.items() if v.is_floating_point()}
+
+
+def _distance(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+
+
+def test_two_process_ddp_matches_one_process_and_resumes(tmp_path):
+    one = tmp_path / "one"
+    assert main(["pretrain", "-c", "demo", *_overrides(one, batch=16, devices=1)]) == 0
+
+    two = tmp_path / "two"
+    proc = _ddp(_overrides(two, batch=8, devices=2), tmp_path / "writes")
+    assert "effective batch 16 = 8 per device x 2 devices x 1 nodes" in proc.stdout
+
+    # Only rank 0 wrote: checkpoints, pictures and the config; rank 1 wrote nothing.
+    assert not (tmp_path / "writes" / "rank1.log").exists()
+    written = (tmp_path / "writes" / "rank0.log").read_text().splitlines()
+    assert any(w.startswith("save_checkpoint") and w.endswith("last.ckpt") for w in written)
+    assert any(w.startswith("save_figure") for w in written)
+    assert sum(w.startswith("save_config") for w in written) == 1
+
+    ref_first = _weights(one / "checkpoints" / "epoch000.ckpt")
+    ref = _weights(one / "checkpoints" / "last.ckpt")
+    ddp = _weights(two / "checkpoints" / "last.ckpt")
+    update = _distance(ref, ref_first)  # what steps 2 and 3 changed
+    assert update > 0
+    assert _distance(ddp, ref) < 1e-3 * update
+
+    # Resume the 2-process run from its first-epoch checkpoint: it ends where it ended before.
+    resumed = tmp_path / "resumed"
+    args = [*_overrides(resumed, batch=8, devices=2)]
+    resumed.mkdir()
+    (resumed / "checkpoints").mkdir()
+    start = resumed / "checkpoints" / "start.ckpt"
+    start.write_bytes((two / "checkpoints" / "epoch000.ckpt").read_bytes())
+    _ddp([*args, f"--resume={start}"], tmp_path / "writes_resume")
+    again = _weights(resumed / "checkpoints" / "last.ckpt")
+    assert _distance(again, ddp) < 1e-3 * update
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

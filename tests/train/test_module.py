@@ -1,0 +1,94 @@
+"""The LightningModule: lr rule, schedule, optimiser groups, logged parts, pictures."""
+
+import math
+
+import pytest
+import torch
+
+from heatssl.config import load_config
+from heatssl.train.module import HeatPretrainModule
+
+
+def test_lr_follows_batch_without_trainer(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "data.batch_size=128", "optim.base_lr=1e-3"])
+    module = HeatPretrainModule(cfg)
+    assert module.learning_rate() == pytest.approx(1e-3 * 128 / 256)
+
+
+def test_checkpoint_hparams_are_plain_and_rebuild_the_model(tiny_overrides):
+    cfg = load_config("demo", tiny_overrides)
+    module = HeatPretrainModule(cfg)
+    hp = dict(module.hparams)
+    assert hp["config"] == cfg.to_dict()
+    rebuilt = HeatPretrainModule(hp["config"])
+    assert rebuilt.qbheat.backbone.name == "test_resnet"
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(
+        p.numel() for p in module.parameters()
+    )
+
+
+def test_reconstruct_returns_pictures_in_unit_range(tiny_overrides):
+    module = HeatPretrainModule(load_config("demo", tiny_overrides))
+    images = torch.randn(4, 3, 32, 32)
+    shown, mask, recon = module.reconstruct(images)
+    assert shown.shape == recon.shape == (4, 3, 32, 32)
+    assert mask.shape == (4, 1, 32, 32)
+    # one quadrant of four kept per image, each image a different quadrant
+    assert torch.allclose(mask.mean(dim=(1, 2, 3)), torch.full((4,), 0.75))
+    assert len({tuple(m.flatten().tolist()) for m in mask}) == 4
+    assert recon.min() >= 0 and recon.max() <= 1
+    assert module.qbheat.training  # restored
+
+
+def test_heat_operators_are_not_weight_decayed(tiny_overrides):
+    module = HeatPretrainModule(load_config("demo", tiny_overrides))
+
+    class _Trainer:
+        estimated_stepping_batches = 10
+        max_epochs = 2
+        world_size = 1
+        accumulate_grad_batches = 1
+
+    module._trainer = _Trainer()  # the optimiser only needs these numbers
+    opt = module.configure_optimizers()["optimizer"]
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    ops = module.qbheat.predictor.operators
+    assert id(ops.A) not in decayed and id(ops.B) not in decayed
+    assert any(p.ndim == 4 for p in opt.param_groups[0]["params"])  # conv weights are decayed
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(module.learning_rate())
+    assert math.isclose(opt.param_groups[0]["weight_decay"], 0.05)
+
+
+def test_grad_checkpointing_recomputes_and_gives_the_same_gradients(tiny_overrides):
+    cfg = load_config("demo", tiny_overrides)
+    images = torch.randn(4, 3, 32, 32)
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = HeatPretrainModule(cfg)
+        if checkpointing:
+            module.backbone.set_grad_checkpointing(True)
+        count = [0]
+        stage = module.backbone.model.layer1[0]  # checkpoint_seq calls the blocks one by one
+        # a pre-hook: torch stops a recomputation early, once the tensors it needs are back
+        stage.register_forward_pre_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
+        module.qbheat(images, quadrant=torch.zeros(4, dtype=torch.long)).loss.backward()
+        grads.append(
+            {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+        )
+        calls.append(count[0])
+    assert calls == [1, 2]  # the checkpointed stage runs again in the backward pass
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_channels_last_and_compile_settings_apply(tiny_overrides):
+    cfg = load_config(
+        "demo", [*tiny_overrides, "trainer.channels_last=true", "trainer.compile=true"]
+    )
+    module = HeatPretrainModule(cfg)
+    convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    module.configure_model()
+    assert module.qbheat.backbone._compiled_call_impl is not None
+    assert module.qbheat.decoder._compiled_call_impl is not None

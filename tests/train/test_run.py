@@ -1,0 +1,228 @@
+"""Run folders: pretraining end to end, resume, export from a checkpoint."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+
+from heatssl.config import ConfigError, load_config
+from heatssl.data.module import build_datamodule
+from heatssl.errors import ArgumentError, NonFiniteLossError
+from heatssl.model.export import read_export_metadata
+from heatssl.train import run
+from heatssl.train.checkpoint import safe_torch_load
+from heatssl.train.trainer import checkpoint_dir, launch_plan, planned_devices
+from tests.helpers import tiny_settings
+
+
+def test_pretrain_writes_a_complete_run_folder(tiny_overrides):
+    cfg = load_config("demo", tiny_overrides)
+    result = run.pretrain(cfg)
+    folder = result.run_dir
+    train_images = len(build_datamodule(cfg.data).train_dataset)
+    assert result.global_step == train_images // 8  # one optimiser step per full batch
+    assert load_config(folder / "config.yaml").to_dict() == cfg.to_dict()  # repeatable
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+    assert (folder / "pictures" / "reconstruction_epoch001.png").stat().st_size > 1000
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/loss", "train/rec", "train/heat", "train/commute"} <= logged
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_resume_continues_the_step_count(tiny_overrides):
+    first = run.pretrain(load_config("demo", tiny_overrides))
+    resumed = run.pretrain(
+        load_config("demo", [*tiny_overrides, "trainer.max_epochs=2"]), resume="last"
+    )
+    assert resumed.global_step == 2 * first.global_step
+    assert (resumed.run_dir / "checkpoints" / "epoch001.ckpt").is_file()
+
+
+def test_resume_without_checkpoint_is_refused(tiny_overrides):
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run.pretrain(load_config("demo", tiny_overrides), resume="last")
+
+
+def test_export_from_checkpoint_matches_the_trained_backbone(tiny_overrides, tmp_path):
+    result = run.pretrain(load_config("demo", tiny_overrides))
+    out = run.export(result.last_checkpoint, tmp_path / "b.safetensors")
+    trained = run.backbone_from_checkpoint(result.last_checkpoint).eval()
+    meta = read_export_metadata(out)
+    plain = timm.create_model(
+        "test_resnet",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(out)),
+        **meta["create_kwargs"],
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = trained(x)
+        got = plain.forward_intermediates(x, indices=[-1], intermediates_only=True)[0]
+    torch.testing.assert_close(got, ref)
+    # training changed the weights: a fresh model gives other features
+    fresh = timm.create_model("test_resnet", **meta["create_kwargs"]).eval()
+    with torch.no_grad():
+        assert not torch.allclose(
+            fresh.forward_intermediates(x, indices=[-1], intermediates_only=True)[0], ref
+        )
+
+
+def test_online_probe_is_logged_and_checkpoints_still_load(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "probe.online=true", "trainer.max_epochs=2"])
+    result = run.pretrain(cfg)
+    rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
+    val = [float(r["online/val_top1"]) for r in rows if r.get("online/val_top1")]
+    train = [float(r["online/train_top1"]) for r in rows if r.get("online/train_top1")]
+    assert len(val) == 2 and len(train) == 2  # once per epoch each
+    assert all(0.0 <= v <= 1.0 for v in val + train)
+    backbone = run.backbone_from_checkpoint(result.last_checkpoint)  # online head in the state
+    assert backbone.name == "test_resnet"
+
+
+def test_resume_auto_starts_afresh_then_continues(tiny_overrides):
+    cfg = load_config("demo", tiny_overrides)
+    assert run.resolve_resume(cfg, "auto") is None  # nothing yet: a first start, no error
+    first = run.pretrain(cfg, resume="auto")
+    assert run.resolve_resume(cfg, "auto") == str(first.last_checkpoint)
+    cfg2 = load_config("demo", [*tiny_overrides, "trainer.max_epochs=2"])
+    assert run.pretrain(cfg2, resume="auto").global_step == 2 * first.global_step
+
+
+def test_launch_plan_states_effective_batch_and_lr():
+    cfg = load_config(
+        "demo",
+        [
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "trainer.accumulate_grad_batches=2",
+            "data.batch_size=32",
+            "optim.base_lr=1e-3",
+        ],
+    )
+    plan = launch_plan(cfg)
+    assert "effective batch 512 = 32 per device x 4 devices x 2 nodes x 2 accumulation" in plan
+    assert "lr 0.002 = base_lr 0.001 x 512 / 256" in plan
+    assert planned_devices(load_config("demo", ["trainer.devices=0,1,3"])) == 3
+    assert planned_devices(load_config("demo", ["trainer.devices=auto"])) == 1  # no GPU here
+
+
+def test_sync_batchnorm_without_gpu_is_refused(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "trainer.sync_batchnorm=true"])
+    with pytest.raises(ConfigError, match="sync_batchnorm=false"):
+        run.pretrain(cfg)
+
+
+def test_loader_benchmark_counts_images(tiny_overrides):
+    cfg = load_config("demo", tiny_overrides)
+    stats = run.benchmark_loader(cfg, batches=2, warmup=1)
+    assert stats["batches"] == 2 and stats["images"] == 16  # batch 8, warm-up batch not counted
+    assert stats["images_per_second"] > 0
+    with pytest.raises(ArgumentError, match="warm-up"):
+        run.benchmark_loader(cfg, batches=3, warmup=100)
+
+
+def test_compiled_channels_last_run_trains_and_keeps_plain_keys(tiny_overrides):
+    cfg = load_config(
+        "demo", [*tiny_overrides, "trainer.compile=true", "trainer.channels_last=true"]
+    )
+    result = run.pretrain(cfg)
+    state = torch.load(result.last_checkpoint, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)  # in-place compile: checkpoints stay portable
+    module = run.module_from_checkpoint(result.last_checkpoint)  # loads into a plain module
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class _PoisonBatch(L.Callback):
+    """Turn the images of one training step into NaN (a real fault, injected from outside)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "trainer.max_epochs=3"])
+    steps_per_epoch = len(build_datamodule(cfg.data).train_dataset) // 8
+    bad_step = steps_per_epoch + 1  # the second step of the second epoch
+    with pytest.raises(NonFiniteLossError, match=f"step {bad_step} .*lower optim.base_lr"):
+        run.pretrain(cfg, callbacks=[_PoisonBatch(bad_step)])
+    last = torch.load(checkpoint_dir(cfg.run_dir) / "last.ckpt", weights_only=True)
+    assert last["global_step"] == steps_per_epoch  # the end of the first epoch: the last good one
+    assert all(
+        torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point()
+    )
+    assert not (checkpoint_dir(cfg.run_dir) / "epoch001.ckpt").exists()
+
+
+def _step_log(path):
+    """``{global step: checksum}`` from a kill_entry step log."""
+    lines = path.read_text().split() if path.exists() else []
+    return {int(s): float(c) for s, c in zip(lines[::2], lines[1::2], strict=True)}
+
+
+def test_sigkill_mid_epoch_then_resume_trains_the_same_steps_on_the_same_data(tmp_path):
+    """A real SIGKILL in the middle of an epoch, then ``--resume last``: the resumed run ends at
+    the uninterrupted step count, trains the remaining steps on exactly the batches an unbroken
+    run sees (same order, mid-epoch skip), and ends with the same weights (RNG state restored)."""
+    entry = Path(__file__).with_name("kill_entry.py")
+    settings = [
+        *tiny_settings(tmp_path / "broken"),
+        "trainer.max_epochs=2",
+        "trainer.checkpoint_every_n_steps=1",
+        "data.augment=none",  # the transform draws no random numbers: checksums compare batches
+    ]  # 3 steps per epoch (24 train images, batch 8): step 4 is the middle of the second epoch
+
+    def cli(run_dir, log, hang=None):
+        env = {**os.environ, "HEATSSL_STEP_LOG": str(log), "PYTHONPATH": os.getcwd()}
+        if hang is not None:
+            env["HEATSSL_HANG_AT_STEP"] = str(hang)
+        overrides = [s for s in settings if not s.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+        return [sys.executable, str(entry), "pretrain", "-c", "demo", *overrides], env
+
+    ref_cmd, ref_env = cli(tmp_path / "ref", tmp_path / "ref.log")
+    subprocess.run(ref_cmd, env=ref_env, check=True, capture_output=True, timeout=300)
+
+    cmd, env = cli(tmp_path / "broken", tmp_path / "broken.log", hang=4)
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = Path(f"{tmp_path / 'broken.log'}.hang")
+    deadline = time.monotonic() + 240
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the run never reached step 4"
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    last = tmp_path / "broken" / "checkpoints" / "last.ckpt"
+    assert safe_torch_load(last)["global_step"] == 4  # mid-epoch: 1 of epoch 1's 3 steps
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch000.ckpt", "last.ckpt"]
+
+    resume_cmd, resume_env = cli(tmp_path / "broken", tmp_path / "resumed.log")
+    subprocess.run(
+        [*resume_cmd, "--resume", "last"],
+        env=resume_env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    ref, before, after = (_step_log(tmp_path / f"{n}.log") for n in ("ref", "broken", "resumed"))
+    assert sorted(ref) == list(range(6)) and sorted(before) == list(range(4))
+    assert sorted(after) == [4, 5]  # only the steps the checkpoint lacked
+    assert {**before, **after} == pytest.approx(ref, rel=1e-9)  # the same batches, in order
+    final = safe_torch_load(last)
+    reference = safe_torch_load(tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == reference["global_step"] == 6
+    for key, value in reference["state_dict"].items():
+        assert torch.allclose(final["state_dict"][key].float(), value.float(), atol=1e-5), key
+    assert run.backbone_from_checkpoint(last) is not None  # the resumed result loads
