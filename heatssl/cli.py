@@ -240,7 +240,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "pretrain":
         result = pretraining.pretrain(cfg, resume=args.resume)
-        print(f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}")
+        if result.is_global_zero:
+            print(
+                f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}"
+            )
         return 0
     return _demo(cfg)
 

@@ -5,7 +5,9 @@ under ``configs/``; the command line overrides single keys with dotted paths (``
 Unknown keys and values of the wrong type are refused with the closest valid key named
 (:mod:`heatssl.config_types`). Each section then checks its own values in its ``validate`` method,
 and :meth:`Config.validate` adds the checks that span sections; :func:`load_config` calls it, so
-nothing below the config layer re-checks a config value. The resolved config is written into every
+the layers that read a config (data, train, probing, explain) never re-check its values. The model
+layer checks its own arguments for callers without a config, in its own words; building through
+:mod:`heatssl.train.build` re-words those errors with config keys. The resolved config is written into every
 run folder so any run can be repeated.
 
 Choices that the model layer defines (step rules, predictors, quadrants, decoder norms) use its

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from benchlib import machine
 
 from heatssl.explain.cam import METHODS, ProbedBackbone, heatmaps
 from heatssl.explain.inputs import dataset_images
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "deletion_auc_sem": {k: float(np.std(v) / np.sqrt(len(v))) for k, v in scores.items()},
         "beats_controls": {m: auc[m] < min(auc["random"], auc["blob"]) for m in ("cam", "gradcam")},
         "seconds_per_image": timing,
-        "threads": torch.get_num_threads(),
+        "machine": machine(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -28,7 +28,7 @@ from typing import Any
 from benchlib import machine
 
 from heatssl.config import load_config
-from heatssl.probing import run as evaluate
+from heatssl.probing import run as probing
 from heatssl.probing.report import top1_table
 from heatssl.train import run
 
@@ -110,7 +110,7 @@ def _probe_cfg(args: argparse.Namespace, cfg: Any) -> Any:
     return load_config(cfg.to_dict(), args.probe_override)
 
 
-def _probe_entry(result: evaluate.ProbeResult) -> dict[str, Any]:
+def _probe_entry(result: probing.ProbeResult) -> dict[str, Any]:
     m = result.metrics
     entry = {k: m["probes"][k] for k in m["probes"]}
     speed = {"extract_seconds": m["extract_seconds"]}
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_random:
         cfg = _cfg(args, "random_init")
         start = time.perf_counter()
-        result = evaluate.probe(
+        result = probing.probe(
             cfg.model.backbone, _probe_cfg(args, cfg), Path(args.runs) / "random_init" / "probe"
         )
         report["results"]["random_init"] = {
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _cfg(args, variant)
         start = time.perf_counter()
         pre = run.pretrain(cfg)
-        result = evaluate.probe(str(pre.last_checkpoint), _probe_cfg(args, cfg))
+        result = probing.probe(str(pre.last_checkpoint), _probe_cfg(args, cfg))
         report["results"][variant] = {
             **_probe_entry(result),
             "overrides": _overrides(args, variant),

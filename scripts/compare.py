@@ -43,7 +43,7 @@ from torchvision.datasets import ImageFolder
 from heatssl.config import Config, load_config
 from heatssl.model.export import export_backbone
 from heatssl.model.optim import warmup_cosine
-from heatssl.probing import run as evaluate
+from heatssl.probing import run as probing
 from heatssl.probing.report import markdown_table
 from heatssl.train.pictures import new_figure, save_figure
 
@@ -221,7 +221,7 @@ def probe_exports(args: argparse.Namespace, name: str, figures: dict[str, Any]) 
         kinds = args.final_kinds if last else args.kinds
         cfg = recipe(args, name, [f"probe.kinds=[{', '.join(kinds)}]"])
         out_dir = Path(export["path"]).with_suffix("")
-        result = evaluate.probe(export["path"], cfg, out_dir)
+        result = probing.probe(export["path"], cfg, out_dir)
         export["probes"] = {k: v["top1"] for k, v in result.metrics["probes"].items()}
 
 

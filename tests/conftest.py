@@ -2,7 +2,9 @@
 
 import pytest
 
-from tests.helpers import tiny_settings
+pytest.register_assert_rewrite("tests.data.checks")  # its asserts report like a test's own
+
+from tests.helpers import tiny_settings  # noqa: E402
 
 
 @pytest.fixture

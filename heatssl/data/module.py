@@ -25,6 +25,7 @@ class HeatDataModule(L.LightningDataModule):
 
     def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
         super().__init__()
+        cfg.validate()  # the section's own check: a DataConfig built in Python skips load_config
         self.cfg = cfg
         self.seed = seed
         self._train: Dataset | None = None

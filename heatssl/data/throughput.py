@@ -36,8 +36,8 @@ def loader_throughput(
     seconds = time.perf_counter() - start
     if timed == 0:
         raise ArgumentError(
-            f"warmup={warmup}: the loader gave {warmup} batches or fewer, all used for warm-up. "
-            "Use a larger dataset or --warmup 0."
+            f"warmup={warmup}: the loader gave {warmup} batches or fewer, all used for warm-up, "
+            f"so none was timed. Use a larger dataset or fewer warm-up batches."
         )
     return {
         "images_per_second": images / seconds,

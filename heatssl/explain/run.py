@@ -19,7 +19,7 @@ from heatssl.config import Config
 from heatssl.explain.cam import HeatmapResult, heatmaps
 from heatssl.explain.figures import heatmap_sheet, overlay
 from heatssl.explain.inputs import dataset_images, image_files, load_images
-from heatssl.probing.head_files import load_linear_probe
+from heatssl.probing.head_files import load_head
 from heatssl.probing.run import resolve_backbone
 from heatssl.train.pictures import reconstruction_figure, save_figure
 from heatssl.train.run import module_from_checkpoint
@@ -47,7 +47,7 @@ def run_heatmaps(
     target: str | None = None,
 ) -> HeatmapRun:
     """Heat maps of ``source`` + its linear head over an image folder or a dataset split."""
-    head, info = load_linear_probe(head_path)
+    head, info = load_head(head_path, kind="linear")
     class_names = list(info["class_names"])
     if cfg.probe.output_stride is None and info.get("output_stride") is not None:
         # the maps come from the backbone as it was probed (a head may be trained re-dilated)

@@ -133,8 +133,8 @@ class Backbone(nn.Module):
             self.model.set_grad_checkpointing(enable)
         except (AssertionError, NotImplementedError) as err:
             raise ArgumentError(
-                f"grad_checkpointing=True: timm's {self.name} does not support gradient "
-                f"checkpointing ({err or type(err).__name__}). Use grad_checkpointing=False."
+                f"grad_checkpointing=true: timm's {self.name} does not support gradient "
+                f"checkpointing ({err or type(err).__name__}). Use grad_checkpointing=false."
             ) from err
 
     def pooled(self, x: Tensor) -> Tensor:

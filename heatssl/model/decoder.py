@@ -64,7 +64,11 @@ class ConvDecoder(nn.Module):
         super().__init__()
         check_choice("norm", norm, DecoderNorm)
         if reduction < 1 or reduction & (reduction - 1):
-            raise ArgumentError(f"reduction={reduction} must be a power of two (1, 2, 4, 8, ...).")
+            raise ArgumentError(
+                f"reduction={reduction}: the decoder upsamples a grid cell to pixels in steps of 2, "
+                f"so the backbone's pixels per cell must be a power of two (1, 2, 4, 8, ...). "
+                f"Use a backbone, patch size or stage whose reduction is one."
+            )
         if depth < 0 or upsample_blocks < 0:
             raise ArgumentError(f"depth={depth}, upsample_blocks={upsample_blocks} must be >= 0.")
         factors = int(math.log2(reduction))

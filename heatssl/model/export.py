@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from heatssl.errors import CheckpointError
@@ -47,10 +47,26 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     return path
 
 
+def safetensors_metadata(path: str | Path, what: str) -> dict[str, str]:
+    """The metadata of a safetensors file; a missing or unreadable file is a :class:`CheckpointError`.
+
+    ``what`` names what the file should be (for the message), e.g. "a heatssl backbone export".
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} does not exist. Give the path of {what}.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}); it should be {what}. "
+            f"The file may be truncated or of another format: write it again."
+        ) from err
+
+
 def read_export_metadata(path: str | Path) -> dict[str, Any]:
     """Model name, create kwargs and stage stored in an exported file."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = safetensors_metadata(path, "a heatssl backbone export (`heatssl export`)")
     if meta.get("format") != EXPORT_FORMAT:
         raise CheckpointError(
             f"{path} is not a heatssl backbone export (metadata format={meta.get('format')!r}, "

@@ -1,7 +1,7 @@
 """QB-Heat as one plain nn.Module: quarter crop -> encode -> extrapolate -> decode -> losses.
 
 No Lightning here, so the objective can be stepped, timed and tested on its own; the LightningModule in
-:mod:`heatssl.train.module` only adds the optimiser, the schedule, logging and pictures.
+:mod:`heatssl.train.module` only adds the optimiser, the schedule and logging.
 """
 
 from __future__ import annotations

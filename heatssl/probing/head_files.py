@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from heatssl.errors import ArgumentError, CheckpointError
+from heatssl.model.export import safetensors_metadata
 from heatssl.model.heads import LinearHead, Tran1Head
 
 HEAD_FORMAT = "heatssl-head-v1"
@@ -39,14 +39,21 @@ def save_head(head: nn.Module, path: str | Path, class_names: list[str], **meta:
     return path
 
 
-def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a head saved by :func:`save_head`; return it (eval mode) and its metadata."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("heatssl")
+def load_head(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a head saved by :func:`save_head`; return it (eval mode) and its metadata.
+
+    With ``kind`` ("linear" or "tran1") a head of another kind is refused.
+    """
+    raw = safetensors_metadata(path, "a probe head from `heatssl probe`").get("heatssl")
     info = json.loads(raw) if raw else {}
     if info.get("format") != HEAD_FORMAT:
         raise CheckpointError(
             f"{path} is not a heatssl probe head (write one with `heatssl probe`)."
+        )
+    if kind is not None and info["kind"] != kind:
+        raise CheckpointError(
+            f"{path} is a {info['kind']} head; this needs the {kind} probe head "
+            f"({kind}_head.safetensors in the probe folder)."
         )
     c = info["num_classes"]
     if info["kind"] == "linear":
@@ -57,18 +64,7 @@ def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return head.eval(), info
 
 
-def load_linear_probe(path: str | Path) -> tuple[LinearHead, dict[str, Any]]:
-    """The linear probe head and all its metadata; other heads are refused (CAMs need this one)."""
-    head, info = load_head(path)
-    if not isinstance(head, LinearHead):
-        raise CheckpointError(
-            f"{path} is a {info['kind']} head; CAMs need the linear probe head "
-            f"(linear_head.safetensors in the probe folder)."
-        )
-    return head, info
-
-
 def load_linear_head(path: str | Path) -> tuple[LinearHead, list[str]]:
-    """The linear probe head saved by ``heatssl probe`` and its class names."""
-    head, info = load_linear_probe(path)
+    """The linear probe head saved by ``heatssl probe`` (what CAMs read) and its class names."""
+    head, info = load_head(path, kind="linear")
     return head, list(info["class_names"])

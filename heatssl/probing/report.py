@@ -41,6 +41,6 @@ def top1_table(
     header = [first, *(f"{k} top-1" for k in kinds), *extra]
     rows = []
     for i, (name, probes) in enumerate(results.items()):
-        accs = [f"{probes[k]['top1']:.1f}" for k in kinds if k in probes]
+        accs = [f"{probes[k]['top1']:.1f}" if k in probes else "-" for k in kinds]
         rows.append([name, *accs, *(values[i] for values in extra.values())])
     return markdown_table(header, rows)

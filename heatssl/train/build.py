@@ -19,6 +19,13 @@ MODEL_KEYS = {
     "grad_checkpointing": "model.grad_checkpointing",
     "image_size": "data.image_size",
 }
+"""The backbone's arguments and the config keys that set them."""
+QBHEAT_KEYS = {
+    **{k: f"heat.{k}" for k in ("predictor", "step", "init", "quadrant")},
+    **{k: f"decoder.{k}" for k in ("depth", "upsample_blocks", "norm")},
+    "region": "loss.region",
+}
+"""The arguments QB-Heat, its predictor and its decoder name in errors, and their config keys."""
 
 
 def build_backbone(model_cfg: ModelConfig, image_size: int, check_size: bool = True) -> Backbone:
@@ -33,8 +40,6 @@ def build_backbone(model_cfg: ModelConfig, image_size: int, check_size: bool = T
             check_size=check_size,
             **model_cfg.kwargs,
         )
-        if model_cfg.grad_checkpointing:
-            backbone.set_grad_checkpointing(True)
     return backbone
 
 
@@ -44,23 +49,24 @@ def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
     if backbone is None:
         backbone = build_backbone(cfg.model, cfg.data.image_size)
     h, d, lo = cfg.heat, cfg.decoder, cfg.loss
-    return QBHeat(
-        backbone,
-        predictor=h.predictor,
-        step=h.step,
-        init=h.init,
-        quadrant=h.quadrant,
-        heat_weight=h.heat_weight,
-        commute_weight=h.commute_weight,
-        commute_probes=h.commute_probes,
-        decoder_width=d.width,
-        decoder_depth=d.depth,
-        decoder_upsample_blocks=d.upsample_blocks,
-        decoder_min_width=d.min_width,
-        decoder_norm=d.norm,
-        region=lo.region,
-        norm_pix=lo.norm_pix,
-    )
+    with config_keys(**QBHEAT_KEYS):
+        return QBHeat(
+            backbone,
+            predictor=h.predictor,
+            step=h.step,
+            init=h.init,
+            quadrant=h.quadrant,
+            heat_weight=h.heat_weight,
+            commute_weight=h.commute_weight,
+            commute_probes=h.commute_probes,
+            decoder_width=d.width,
+            decoder_depth=d.depth,
+            decoder_upsample_blocks=d.upsample_blocks,
+            decoder_min_width=d.min_width,
+            decoder_norm=d.norm,
+            region=lo.region,
+            norm_pix=lo.norm_pix,
+        )
 
 
 def effective_batch(cfg: Config, processes: int) -> int:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from heatssl.config import Config, load_config
+from heatssl.config import Config, config_keys, load_config
 from heatssl.data.datasets import Batch
 from heatssl.data.transforms import denormalize
 from heatssl.errors import NonFiniteLossError
@@ -24,7 +24,7 @@ from heatssl.model.heads import LinearHead
 from heatssl.model.optim import warmup_cosine, weight_decay_groups
 from heatssl.model.qbheat import patch_normalize
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
-from heatssl.train.build import build_qbheat, peak_lr
+from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
 from heatssl.train.checkpoint import restore_rng, rng_state
 
 
@@ -47,6 +47,9 @@ class HeatPretrainModule(L.LightningModule):
         self.save_hyperparameters({"config": cfg.to_dict(), "num_classes": num_classes})
         self.cfg = cfg
         self.qbheat = build_qbheat(cfg)
+        if cfg.model.grad_checkpointing:
+            with config_keys(**MODEL_KEYS):
+                self.qbheat.backbone.set_grad_checkpointing(True)
         if cfg.trainer.channels_last:
             self.qbheat.to(memory_format=torch.channels_last)
         self.online: LinearHead | None = None

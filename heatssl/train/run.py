@@ -32,6 +32,7 @@ class PretrainResult:
     last_checkpoint: Path
     seconds: float
     global_step: int
+    is_global_zero: bool = True  # the process that writes files and reports (DDP rank 0)
 
 
 def resolve_resume(cfg: Config, resume: str | None) -> str | None:
@@ -96,6 +97,7 @@ def pretrain(
         last_checkpoint=checkpoint_dir(run_dir) / "last.ckpt",
         seconds=time.perf_counter() - start,
         global_step=trainer.global_step,
+        is_global_zero=trainer.is_global_zero,
     )
 
 
@@ -110,6 +112,11 @@ def benchmark_loader(cfg: Config, batches: int = 50, warmup: int = 5) -> dict[st
 
 def _read_checkpoint(path: str | Path) -> tuple[Config, dict, int | None]:
     """Config, state dict and class count of a pretraining checkpoint (loaded safely, weights only)."""
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist. Give a .ckpt file from `heatssl pretrain` "
+            f"(RUN/checkpoints/last.ckpt)."
+        )
     ckpt = safe_torch_load(path)
     try:
         hp = ckpt["hyper_parameters"]
@@ -143,8 +150,6 @@ def backbone_from_checkpoint(path: str | Path) -> Backbone:
 def export(checkpoint: str | Path, out: str | Path | None = None) -> Path:
     """Export a checkpoint's backbone to safetensors (default: next to the run's checkpoints)."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise CheckpointError(f"Checkpoint {checkpoint} does not exist. Give a .ckpt file path.")
     if out is None:
         out = checkpoint.parent.parent / "backbone.safetensors"
     return export_backbone(backbone_from_checkpoint(checkpoint), out)

@@ -10,6 +10,7 @@ import torch
 
 from heatssl.config import DataConfig
 from heatssl.data.module import HeatDataModule, build_datamodule
+from heatssl.errors import ConfigError
 from tests.data.checks import check_batch
 
 
@@ -108,3 +109,17 @@ def test_setup_twice_does_not_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
     dm.setup("validate")
     assert dm.train_dataset is train and dm.val_dataset is val
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"val_fraction": 1.0}, "data.val_fraction"),
+        ({"crop_scale_min": 0.0}, "data.crop_scale_min"),
+        ({"image_size": 0}, "data.image_size"),
+        ({"name": "imagefolder"}, "data.root"),
+    ],
+)
+def test_a_data_module_refuses_a_bad_section_built_in_python(changes: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        HeatDataModule(DataConfig(**changes))

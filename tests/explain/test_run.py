@@ -7,7 +7,7 @@ from PIL import Image
 from heatssl.cli import main
 from heatssl.config import load_config
 from heatssl.errors import CheckpointError
-from heatssl.probing import run as evaluate
+from heatssl.probing import run as probing
 from heatssl.probing.head_files import load_linear_head
 from heatssl.train import run
 from tests.helpers import tiny_settings
@@ -22,7 +22,7 @@ def probed(tmp_path_factory):
     overrides = [*tiny_settings(tmp / "run"), "probe.kinds=[linear, tran1]", *FAST]
     cfg = load_config("demo", overrides)
     ckpt = run.pretrain(cfg).last_checkpoint
-    probe = evaluate.probe(str(ckpt), cfg)
+    probe = probing.probe(str(ckpt), cfg)
     return ckpt, probe.out_dir, overrides
 
 
@@ -66,7 +66,7 @@ def test_heatmaps_on_an_image_folder_keep_each_size(probed, tmp_path, capsys):
 
 def test_bad_head_and_class(probed, tmp_path, capsys):
     ckpt, probe_dir, _ = probed
-    with pytest.raises(CheckpointError, match="CAMs need the linear probe head"):
+    with pytest.raises(CheckpointError, match="needs the linear probe head"):
         load_linear_head(probe_dir / "tran1_head.safetensors")
     args = _heatmaps_args(ckpt, probe_dir, "--target", "zebra", "-o", str(tmp_path / "m"))
     assert main(args) == 2
@@ -78,3 +78,14 @@ def test_reconstruct_cli(probed, tmp_path):
     out = tmp_path / "recon.png"
     assert main(["reconstruct", str(ckpt), "--num", "4", "-o", str(out)]) == 0
     assert Image.open(out).size[0] > 300
+
+
+def test_missing_files_end_in_one_line_not_a_traceback(probed, tmp_path, capsys):
+    ckpt, probe_dir, _ = probed
+    assert main(["reconstruct", str(tmp_path / "nowhere.ckpt")]) == 2
+    assert "nowhere.ckpt does not exist" in capsys.readouterr().err
+    args = _heatmaps_args(ckpt, probe_dir, "-o", str(tmp_path / "m"))
+    args[args.index("--head") + 1] = str(tmp_path / "no_head.safetensors")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no_head.safetensors does not exist" in err and len(err.strip().splitlines()) == 1

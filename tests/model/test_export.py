@@ -44,3 +44,8 @@ def test_foreign_safetensors_is_refused(tmp_path):
     save_file({"w": torch.zeros(1)}, str(path))
     with pytest.raises(CheckpointError, match="not a heatssl backbone export"):
         read_export_metadata(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_export_metadata(tmp_path / "nowhere.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_exported_backbone(tmp_path / "text.safetensors")

@@ -65,6 +65,20 @@ def test_load_head_refuses_foreign_file(tmp_path):
         load_head(other)
 
 
+def test_missing_or_damaged_head_files_are_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_head(tmp_path / "nowhere.safetensors")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_head(text)
+    good = save_head(LinearHead(4, 2), tmp_path / "h.safetensors", ["a", "b"])
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:40])  # a copy that stopped early
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_head(cut)
+
+
 def test_save_head_refuses_reserved_metadata(tmp_path):
     with pytest.raises(ArgumentError, match="kind"):
         save_head(LinearHead(4, 2), tmp_path / "h.safetensors", ["a", "b"], kind="other")
@@ -72,7 +86,7 @@ def test_save_head_refuses_reserved_metadata(tmp_path):
 
 def test_load_linear_head_refuses_a_tran1_head(tmp_path):
     path = save_head(Tran1Head(16, 2, tokens=4, heads=4), tmp_path / "t.safetensors", ["a", "b"])
-    with pytest.raises(CheckpointError, match="CAMs need the linear probe head"):
+    with pytest.raises(CheckpointError, match="tran1 head; this needs the linear probe head"):
         load_linear_head(path)
     head, names = load_linear_head(
         save_head(LinearHead(4, 2), tmp_path / "l.safetensors", ["a", "b"])

@@ -17,7 +17,7 @@ from tests.probing.synthetic import clusters, grids, train_linear
 # ------------------------------------------------------------------------------------- linear probe
 
 
-def test_linear_probe_separableclusters():
+def test_linear_probe_separable_clusters():
     torch.manual_seed(0)
     x_tr, y_tr = clusters(60, 4, 16, seed=1)
     x_te, y_te = clusters(100, 4, 16, seed=2)
@@ -144,7 +144,7 @@ def test_knn_scores_float16_inputs_and_default_temperature():
 # ----------------------------------------------------------------------------------------- tran-1
 
 
-def test_tran1_learns_separablegrids():
+def test_tran1_learns_separable_grids():
     torch.manual_seed(0)
     x_tr, y_tr = grids(32, 4, 16, seed=1)
     x_te, y_te = grids(50, 4, 16, seed=2)

@@ -8,7 +8,7 @@ from heatssl.cli import main
 from heatssl.config import load_config
 from heatssl.errors import CheckpointError, ConfigError
 from heatssl.explain.run import run_heatmaps
-from heatssl.probing import run as evaluate
+from heatssl.probing import run as probing
 from heatssl.probing.head_files import load_head
 from heatssl.train import run
 
@@ -22,7 +22,7 @@ def probe_overrides(tiny_overrides):
 
 def test_random_init_baseline_writes_everything(probe_overrides, tmp_path):
     cfg = load_config("demo", [*probe_overrides, "probe.kinds=[linear, tran1, knn]"])
-    result = evaluate.probe("test_resnet", cfg, tmp_path / "out")
+    result = probing.probe("test_resnet", cfg, tmp_path / "out")
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["backbone"] == "test_resnet" and report["dataset"] == "synthetic"
     assert list(report["probes"]) == ["linear", "tran1", "knn"]
@@ -40,9 +40,9 @@ def test_random_init_baseline_writes_everything(probe_overrides, tmp_path):
 def test_checkpoint_source_uses_its_own_config(probe_overrides):
     pretrained = run.pretrain(load_config("demo", probe_overrides))
     ckpt = str(pretrained.last_checkpoint)
-    cfg = evaluate.probe_config(ckpt, None, ["probe.kinds=[knn]"])
+    cfg = probing.probe_config(ckpt, None, ["probe.kinds=[knn]"])
     assert cfg.data.name == "synthetic" and cfg.model.backbone == "test_resnet"
-    result = evaluate.probe(ckpt, cfg)
+    result = probing.probe(ckpt, cfg)
     assert result.out_dir == pretrained.run_dir.resolve() / "probe"
     assert "knn" in result.metrics["probes"]
 
@@ -51,16 +51,16 @@ def test_exported_source_and_model_mismatch(probe_overrides, tmp_path):
     pretrained = run.pretrain(load_config("demo", probe_overrides))
     exported = str(run.export(pretrained.last_checkpoint, tmp_path / "b.safetensors"))
     cfg = load_config("demo", [*probe_overrides, "probe.kinds=[linear]"])
-    result = evaluate.probe(exported, cfg, tmp_path / "probe_export")
+    result = probing.probe(exported, cfg, tmp_path / "probe_export")
     assert result.metrics["backbone"] == "test_resnet"
     named = load_config("demo", [*probe_overrides, "model.backbone=resnet18"])
     with pytest.raises(ConfigError, match=r"holds a 'test_resnet' backbone.*resnet18"):
-        evaluate.probe(exported, named, tmp_path / "x", named={"backbone"})
+        probing.probe(exported, named, tmp_path / "x", named={"backbone"})
 
 
 def test_missing_backbone_file_is_refused():
     with pytest.raises(CheckpointError, match="does not exist"):
-        evaluate.source_kind("nowhere/last.ckpt")
+        probing.source_kind("nowhere/last.ckpt")
 
 
 def test_cli_probe(probe_overrides, tmp_path, capsys):
@@ -78,10 +78,10 @@ def test_cli_probe(probe_overrides, tmp_path, capsys):
 def test_probe_output_stride_redilates_a_checkpoint_and_heatmaps_follow(probe_overrides, tmp_path):
     pretrained = run.pretrain(load_config("demo", probe_overrides))  # output_stride 8
     ckpt = str(pretrained.last_checkpoint)
-    own = evaluate.probe(ckpt, evaluate.probe_config(ckpt, None, ["probe.kinds=[linear]"]))
+    own = probing.probe(ckpt, probing.probe_config(ckpt, None, ["probe.kinds=[linear]"]))
     assert own.metrics["output_stride"] == 8 and own.metrics["feature_grid"][1:] == [4, 4]
-    cfg = evaluate.probe_config(ckpt, None, ["probe.kinds=[linear]", "probe.output_stride=16"])
-    result = evaluate.probe(ckpt, cfg, tmp_path / "os16")
+    cfg = probing.probe_config(ckpt, None, ["probe.kinds=[linear]", "probe.output_stride=16"])
+    result = probing.probe(ckpt, cfg, tmp_path / "os16")
     assert result.metrics["output_stride"] == 16 and result.metrics["feature_grid"][1:] == [2, 2]
     head = tmp_path / "os16" / "linear_head.safetensors"
     assert load_head(head)[1]["output_stride"] == 16
