@@ -71,6 +71,9 @@ def create_timm_model(
 class Backbone(nn.Module):
     """A timm model seen as an encoder of one stage's NCHW feature grid.
 
+    Only the layers up to that stage are kept (timm's ``prune_intermediate_layers``): every
+    parameter left takes part in the grid, which DDP requires, and nothing past it is trained.
+
     Args:
         name: Any timm model name (``resnet18``, ``vit_tiny_patch16_224``, ...).
         stage: Index into ``model.feature_info`` (negative counts from the end); -1 = last stage.
@@ -117,6 +120,11 @@ class Backbone(nn.Module):
         self.num_features = int(info[self.stage]["num_chs"])
         self.reduction = int(info[self.stage]["reduction"])
         self.reductions = [int(f["reduction"]) for f in info]
+        # Layers past the chosen stage (and a final norm it does not use) never see a gradient:
+        # timm removes them, so DDP finds no unused parameter and no memory holds them.
+        self.model.prune_intermediate_layers(
+            [self.stage], prune_norm=not self.is_last, prune_head=True
+        )
         if image_size is not None and check_size:
             self.check_image_size(image_size)
 

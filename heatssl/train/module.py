@@ -28,6 +28,16 @@ from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
 from heatssl.train.checkpoint import restore_rng, rng_state
 
 
+def drop_pruned_layers(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without backbone layers ``module`` no longer has (timm pruned them past the stage).
+
+    Checkpoints written before backbones were pruned hold those layers; they were never trained.
+    """
+    own = module.state_dict().keys()
+    prefix = "qbheat.backbone.model."
+    return {k: v for k, v in state.items() if k in own or not k.startswith(prefix)}
+
+
 def _can_fuse(params: Any) -> bool:
     """Fused AdamW (one kernel for all tensors) where every parameter allows it."""
     return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
@@ -120,6 +130,7 @@ class HeatPretrainModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the random generators of a checkpoint (older checkpoints have none)."""
+        checkpoint["state_dict"] = drop_pruned_layers(self, checkpoint["state_dict"])
         if "rng_state" in checkpoint and self._trainer is not None:
             restore_rng(checkpoint["rng_state"])
 

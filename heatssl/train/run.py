@@ -20,7 +20,7 @@ from heatssl.model.backbone import Backbone
 from heatssl.model.export import export_backbone
 from heatssl.train.build import scale_line
 from heatssl.train.checkpoint import pickle_trusted, safe_torch_load
-from heatssl.train.module import HeatPretrainModule
+from heatssl.train.module import HeatPretrainModule, drop_pruned_layers
 from heatssl.train.trainer import build_trainer, checkpoint_dir
 
 
@@ -138,7 +138,7 @@ def module_from_checkpoint(path: str | Path) -> HeatPretrainModule:
     cfg, state, num_classes = _read_checkpoint(path)
     cfg.model.pretrained = False  # the weights come from the checkpoint, never from a download
     module = HeatPretrainModule(cfg, num_classes=num_classes)
-    module.load_state_dict(state)
+    module.load_state_dict(drop_pruned_layers(module, state))
     return module.eval()
 
 

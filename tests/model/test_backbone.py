@@ -88,3 +88,16 @@ def test_restride_keeps_the_weights_and_refines_the_grid():
 def test_restride_a_vit_is_refused():
     with pytest.raises(ArgumentError, match="output_stride"):
         restride(Backbone("test_vit", image_size=64), 8)
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "size"), [("test_convnext", -1, 64), ("test_resnet", -2, 64)]
+)
+def test_every_kept_parameter_reaches_the_grid(name, stage, size):
+    """DDP refuses parameters no loss reaches: timm prunes what lies past the stage."""
+    backbone = Backbone(name, stage=stage, image_size=size, check_size=False)
+    backbone(torch.randn(2, 3, size // 2, size // 2)).float().square().mean().backward()
+    unused = [n for n, p in backbone.named_parameters() if p.grad is None]
+    assert not unused
+    if stage == -2:
+        assert not any(n.startswith("model.layer4") for n, _ in backbone.named_parameters())

@@ -49,3 +49,19 @@ def test_foreign_safetensors_is_refused(tmp_path):
     (tmp_path / "text.safetensors").write_text("hello")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_exported_backbone(tmp_path / "text.safetensors")
+
+
+def test_a_pruned_backbone_exports_to_the_full_timm_model(tmp_path):
+    backbone = Backbone("test_convnext", image_size=128).eval()  # head.norm pruned
+    assert not any(n.startswith("model.head.norm") for n, _ in backbone.named_parameters())
+    path = export_backbone(backbone, tmp_path / "b.safetensors")
+    meta = read_export_metadata(path)
+    plain = timm.create_model(
+        "test_convnext", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        theirs = plain.forward_intermediates(x, indices=[backbone.stage], intermediates_only=True)
+        ours = load_exported_backbone(path, image_size=128).eval()(x)
+    torch.testing.assert_close(theirs[0], ours)
+    assert meta["stage"] == backbone.stage

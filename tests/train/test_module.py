@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from heatssl.config import load_config
-from heatssl.train.module import HeatPretrainModule
+from heatssl.train.module import HeatPretrainModule, drop_pruned_layers
 
 
 def test_lr_follows_batch_without_trainer(tiny_overrides):
@@ -92,3 +92,16 @@ def test_channels_last_and_compile_settings_apply(tiny_overrides):
     module.configure_model()
     assert module.qbheat.backbone._compiled_call_impl is not None
     assert module.qbheat.decoder._compiled_call_impl is not None
+
+
+def test_a_checkpoint_holding_pruned_layers_still_loads(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "model.stage=-2", "data.image_size=32"])
+    module = HeatPretrainModule(cfg)
+    old = dict(module.state_dict())
+    old["qbheat.backbone.model.layer4.0.conv1.weight"] = torch.zeros(1)  # written before pruning
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        HeatPretrainModule(cfg).load_state_dict(old)
+    fresh = HeatPretrainModule(cfg)
+    fresh.load_state_dict(drop_pruned_layers(fresh, old))
+    other = {"qbheat.decoder.unknown": torch.zeros(1)}  # only the backbone's pruned layers go
+    assert "qbheat.decoder.unknown" in drop_pruned_layers(fresh, {**old, **other})
