@@ -232,6 +232,7 @@ class ProbeConfig:
     tran1_epochs: int = 30
     tran1_base_lr: float = 5e-4  # AdamW
     tran1_heads: int = 0  # 0: d / 64 (at least 1)
+    tran1_max_images: int | None = None  # train tran-1 on a seeded subset of this size (null: all)
     output_stride: int | None = None  # re-dilate the frozen CNN for evaluation (null: its own)
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -251,6 +252,13 @@ class ProbeConfig:
             "knn_temperature",
         )
         _not_negative("probe", self, "weight_decay", "warmup_epochs", "tran1_heads")
+        if self.tran1_max_images is not None:
+            _must(
+                self.tran1_max_images > 0,
+                "probe.tran1_max_images",
+                self.tran1_max_images,
+                "positive or null",
+            )
         _check_stride("probe.output_stride", self.output_stride)
 
 

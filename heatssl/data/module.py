@@ -109,7 +109,8 @@ class HeatDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=seed_worker,
-            generator=torch.Generator().manual_seed(self.seed),
+            # one seed per process: each rank's workers draw their own augmentations
+            generator=torch.Generator().manual_seed(self.seed + 100_003 * rank),
             collate_fn=collate_batch,
         )
 

@@ -117,10 +117,15 @@ class HeatPredictor(nn.Module):
         super().__init__()
         self.operators = HeatOperators(dim, step=step, init=init, trainable=trainable)
 
-    def forward(self, block: Tensor, quadrant: int | str | Tensor = 0) -> Tensor:
-        """Return the full grid; ``quadrant`` says where each sample's block sits (id, name or (N,))."""
+    def forward(
+        self, block: Tensor, quadrant: int | str | Tensor = 0, check: bool = True
+    ) -> Tensor:
+        """Return the full grid; ``quadrant`` says where each sample's block sits (id, name or (N,)).
+
+        ``check=False``: ``quadrant`` holds valid ids already (no host read of its values).
+        """
         n, _, h, w = block.shape
-        q = quadrant_ids(quadrant, n, block.device)
+        q = quadrant_ids(quadrant, n, block.device, check)
         flip_x, flip_y = q % 2 == 1, q >= 2
         # Flip each sample so its block is the top-left one; a flipped axis steps with -A (or -B).
         z = flip_where(flip_where(block, flip_x, -1), flip_y, -2)
@@ -155,10 +160,12 @@ class MaskTokenPredictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, block: Tensor, quadrant: int | str | Tensor = 0) -> Tensor:
+    def forward(
+        self, block: Tensor, quadrant: int | str | Tensor = 0, check: bool = True
+    ) -> Tensor:
         """Return (N, d, 2h, 2w): the block in its quadrant and the [MASK] feature elsewhere."""
         n, d, h, w = block.shape
-        q = quadrant_ids(quadrant, n, block.device)
+        q = quadrant_ids(quadrant, n, block.device, check)
         fill = self.mask_token.to(block.dtype).view(1, d, 1, 1).expand(n, d, 2 * h, 2 * w)
         return place_block(block, q, fill)
 

@@ -22,8 +22,14 @@ QuadrantChoice = Literal["random", "top_left", "top_right", "bottom_left", "bott
 """Which quadrant QB-Heat keeps: ``random`` (per sample) or a fixed one."""
 
 
-def quadrant_ids(quadrant: int | str | Tensor, batch: int, device: torch.device) -> Tensor:
-    """Quadrant ids (0..3) as a LongTensor of shape (batch,), from an id, a name or a tensor."""
+def quadrant_ids(
+    quadrant: int | str | Tensor, batch: int, device: torch.device, check: bool = True
+) -> Tensor:
+    """Quadrant ids (0..3) as a LongTensor of shape (batch,), from an id, a name or a tensor.
+
+    ``check=False`` skips the range check of a tensor's values, which reads them on the host (a
+    device sync): for ids made by heatssl itself, such as QB-Heat's sampled quadrants.
+    """
     if isinstance(quadrant, str):
         if quadrant not in QUADRANTS:
             raise ArgumentError(
@@ -33,7 +39,7 @@ def quadrant_ids(quadrant: int | str | Tensor, batch: int, device: torch.device)
     q = torch.as_tensor(quadrant, device=device, dtype=torch.long)
     if q.ndim == 0:
         q = q.expand(batch)
-    if q.shape != (batch,) or bool(((q < 0) | (q > 3)).any()):
+    if q.shape != (batch,) or (check and bool(((q < 0) | (q > 3)).any())):
         raise ArgumentError(
             f"quadrant={q.tolist()} must hold ids 0..3, one for each of the {batch} samples."
         )

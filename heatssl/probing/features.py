@@ -1,14 +1,18 @@
 """Frozen-backbone features, extracted once per evaluation and reused by every probe and epoch.
 
-The backbone runs once over the train and val images (eval mode, no augmentation, no gradients);
-the stage's grids are kept in float16 on the CPU. Probes then train on this cache: a 100-epoch linear
-probe costs a fraction of one pass through the backbone.
+The backbone runs once over the train and val images (eval mode, no augmentation, no gradients). The
+cache keeps what each probe reads: the pooled features (N, d) in float16 in memory for the linear
+and kNN probes, and, only when tran-1 asks for them, the full grids (N, d, h, w) in a
+:class:`~heatssl.probing.grid_store.GridStore` file on disk, never in memory whole. Probes then train
+on this cache: a 100-epoch linear probe costs a fraction of one pass through the backbone.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -17,19 +21,25 @@ from tqdm.auto import tqdm
 
 from heatssl.data.images import warn_unreadable
 from heatssl.errors import ConfigError
+from heatssl.probing.grid_store import GridStore
+
+Grids = Tensor | GridStore  # (N, d, h, w): in memory (small sets, tests) or on disk
 
 
 @dataclass
 class FeatureSet:
-    """Feature grids (N, d, h, w) in float16 and their labels (N,)."""
+    """Pooled features (N, d) float16, labels (N,) and, when kept, the grids (N, d, h, w)."""
 
-    grids: Tensor
+    pooled: Tensor
     labels: Tensor
+    grid_shape: tuple[int, int, int]  # (d, h, w) of one image
+    grids: Grids | None = None
 
-    @property
-    def pooled(self) -> Tensor:
-        """Global-average-pooled features (N, d) in float32."""
-        return self.grids.float().mean(dim=(-2, -1))
+    @classmethod
+    def from_grids(cls, grids: Tensor, labels: Tensor) -> FeatureSet:
+        """A set from in-memory grids (the pooled features are their spatial mean)."""
+        pooled = grids.float().mean(dim=(-2, -1)).half()
+        return cls(pooled, labels, tuple(grids.shape[1:]), grids)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -49,31 +59,70 @@ class FeatureCache:
         """Number of classes of the dataset."""
         return len(self.class_names)
 
+    def delete_grids(self) -> None:
+        """Remove grid files from disk (the pooled features stay)."""
+        for part in (self.train, self.val):
+            if isinstance(part.grids, GridStore):
+                part.grids.delete()
+            part.grids = None
+
 
 @torch.no_grad()
 def extract(
-    backbone: nn.Module, loader: DataLoader, device: torch.device, desc: str = "features"
+    backbone: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    desc: str = "features",
+    grids_to: str | Path | None = None,
 ) -> FeatureSet:
-    """Run the frozen ``backbone`` once over ``loader``; keep the grids (float16, CPU)."""
+    """Run the frozen ``backbone`` once over ``loader``; keep the pooled features.
+
+    With ``grids_to`` (a file path) the grids are written there too, batch by batch (float16).
+    """
     was_training = backbone.training
     backbone.eval()
-    grids, labels, skipped = [], [], []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        images, targets = batch[0], batch[1]
-        if len(batch) > 2:
-            skipped.extend(batch[2])  # unreadable files, left out of the batch by the loader
-        if images.shape[0] == 0:
-            continue
-        with autocast:
-            grid = backbone(images.to(device, non_blocking=True))
-        grids.append(grid.to("cpu", torch.float16))
-        labels.append(torch.as_tensor(targets, dtype=torch.long))
-    backbone.train(was_training)
+    store = GridStore(grids_to) if grids_to is not None else None
+    # Written in place into buffers sized for the whole split: appending many small tensors between
+    # the large per-batch temporaries fragments the heap and grows the process by gigabytes.
+    capacity = len(loader.dataset) if hasattr(loader.dataset, "__len__") else 1024
+    pooled: Tensor | None = None
+    labels = torch.empty(capacity, dtype=torch.long)
+    rows, skipped, grid_shape = 0, [], None
+    on_gpu = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+    try:
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+            images, targets = batch[0], batch[1]
+            if len(batch) > 2:
+                skipped.extend(batch[2])  # unreadable files, left out of the batch by the loader
+            if images.shape[0] == 0:
+                continue
+            with autocast:
+                grid = backbone(images.to(device, non_blocking=True)).half()
+            grid_shape, n = tuple(grid.shape[1:]), grid.shape[0]
+            if pooled is None:
+                pooled = torch.empty(capacity, grid_shape[0], dtype=torch.float16)
+            if rows + n > len(labels):  # a dataset without a length: grow by doubling
+                pooled = torch.cat([pooled, torch.empty_like(pooled)])
+                labels = torch.cat([labels, torch.empty_like(labels)])
+            pooled[rows : rows + n] = grid.float().mean(dim=(-2, -1)).half().cpu()
+            labels[rows : rows + n] = torch.as_tensor(targets, dtype=torch.long)
+            rows += n
+            if store is not None:
+                store.append(grid)
+    except BaseException:
+        if store is not None:
+            store.delete()
+        raise
+    finally:
+        backbone.train(was_training)
     warn_unreadable(skipped, f"{desc}: left out")
-    if not grids:
+    if rows == 0:
+        if store is not None:
+            store.delete()
         raise ConfigError(f"No images to extract {desc} from: the dataset split is empty.")
-    return FeatureSet(torch.cat(grids), torch.cat(labels))
+    grids = store.close() if store is not None else None
+    return FeatureSet(pooled[:rows].clone(), labels[:rows].clone(), grid_shape, grids)
 
 
 def check_labels(train: FeatureSet, val: FeatureSet, class_names: list[str]) -> None:
@@ -108,13 +157,26 @@ def build_cache(
     val_loader: DataLoader,
     class_names: list[str],
     device: torch.device | None = None,
+    grid_dir: str | Path | None = None,
 ) -> FeatureCache:
-    """Extract train and val features once and check that probes can use them."""
+    """Extract train and val features once and check that probes can use them.
+
+    With ``grid_dir`` the grids go to ``train_grids.f16`` and ``val_grids.f16`` there (for tran-1);
+    remove them with :meth:`FeatureCache.delete_grids`.
+    """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
     start = time.perf_counter()
-    train = extract(backbone, train_loader, device, desc="train features")
-    val = extract(backbone, val_loader, device, desc="val features")
-    seconds = time.perf_counter() - start
-    check_labels(train, val, class_names)
-    return FeatureCache(train, val, list(class_names), seconds)
+    folder = Path(grid_dir) if grid_dir is not None else None
+    train = extract(
+        backbone, train_loader, device, "train features", folder and folder / "train_grids.f16"
+    )
+    try:
+        val = extract(
+            backbone, val_loader, device, "val features", folder and folder / "val_grids.f16"
+        )
+        check_labels(train, val, class_names)
+    except BaseException:
+        FeatureCache(train, train, [], 0.0).delete_grids()
+        raise
+    return FeatureCache(train, val, list(class_names), time.perf_counter() - start)

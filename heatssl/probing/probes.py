@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from heatssl.config import ProbeConfig, config_keys
-from heatssl.errors import check_choice
+from heatssl.errors import ArgumentError, check_choice
 from heatssl.model.heads import LinearHead, Tran1Head
 from heatssl.model.optim import scaled_lr, warmup_cosine
 from heatssl.probing.features import FeatureCache
@@ -112,25 +112,66 @@ def knn_scores(
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 1024,
+    train_chunk: int = 65536,
+    device: torch.device | None = None,
 ) -> Tensor:
-    """Class scores (Nq, C): each of the k most cosine-similar train features votes exp(sim / T)."""
-    train = F.normalize(train.float(), dim=1)
+    """Class scores (Nq, C): each of the k most cosine-similar train features votes exp(sim / T).
+
+    The train features are compared ``train_chunk`` rows at a time (keeping the running top k), so
+    no float32 copy of the whole train set is made; the work runs on ``device``, the scores are on
+    the CPU.
+    """
+    device = device or torch.device("cpu")
     k = min(k, train.shape[0])
     scores = []
     for i in range(0, query.shape[0], chunk):
-        q = F.normalize(query[i : i + chunk].float(), dim=1)
-        sim, idx = (q @ train.T).topk(k, dim=1)
+        q = F.normalize(query[i : i + chunk].to(device).float(), dim=1)
+        best_sim = torch.empty(q.shape[0], 0, device=device)
+        best_idx = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
+        for j in range(0, train.shape[0], train_chunk):
+            block = F.normalize(train[j : j + train_chunk].to(device).float(), dim=1)
+            block_sim, block_idx = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
+            sim = torch.cat([best_sim, block_sim], dim=1)
+            idx = torch.cat([best_idx, block_idx + j], dim=1)
+            best_sim, pick = sim.topk(min(k, sim.shape[1]), dim=1)
+            best_idx = idx.gather(1, pick)
         votes = torch.zeros(q.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        labels = train_labels[best_idx.cpu()]
+        votes.scatter_add_(1, labels, (best_sim.cpu() / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
+
+
+class _Rows:
+    """The rows ``index`` of ``data`` (a tensor or a grid store), indexable like a tensor."""
+
+    def __init__(self, data: Any, index: Tensor) -> None:
+        self.data, self.index = data, index
+        self.shape = (len(index), *tuple(data.shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, rows: Any) -> Tensor:
+        return self.data[self.index[rows]]
+
+
+def _subset(n: int, most: int | None) -> Tensor | None:
+    """A seeded random subset of ``most`` of ``n`` rows, in order (None: all rows)."""
+    if most is None or most >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:most].sort().values
 
 
 def run_probes(
     cache: FeatureCache, cfg: ProbeConfig, device: torch.device | None = None
 ) -> tuple[dict[str, Any], dict[str, nn.Module]]:
-    """Train and score every probe in ``cfg.kinds`` on ``cache``; return metrics and trained heads."""
-    device = device or torch.device("cpu")
+    """Train and score every probe in ``cfg.kinds`` on ``cache``; return metrics and trained heads.
+
+    The heads train on ``device`` (default: the GPU when there is one); the features stay on the
+    CPU (or on disk) and move a batch at a time.
+    """
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = cache.num_classes
     metrics: dict[str, Any] = {}
     heads: dict[str, nn.Module] = {}
@@ -144,25 +185,34 @@ def run_probes(
                 c,
                 cfg.knn_k,
                 cfg.knn_temperature,
+                device=device,
             )
             metrics[kind] = {**topk_accuracy(scores, cache.val.labels, c), "k": cfg.knn_k}
         else:
+            y_train = cache.train.labels
             if kind == "linear":
-                head: nn.Module = LinearHead(cache.train.grids.shape[1], c)
+                head: nn.Module = LinearHead(cache.train.grid_shape[0], c)
                 x_train, x_val = cache.train.pooled, cache.val.pooled
                 args = (cfg.epochs, cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.warmup_epochs)
             else:
-                d, h, w = cache.train.grids.shape[1:]
+                if cache.train.grids is None or cache.val.grids is None:
+                    raise ArgumentError(
+                        "kinds=['tran1'] needs the feature grids: build the cache with grid_dir."
+                    )
+                d, h, w = cache.train.grid_shape
                 with config_keys(heads="probe.tran1_heads"):
                     head = Tran1Head(d, c, tokens=h * w, heads=cfg.tran1_heads)
                 x_train, x_val = cache.train.grids, cache.val.grids
+                subset = _subset(len(y_train), cfg.tran1_max_images)
+                if subset is not None:
+                    x_train, y_train = _Rows(x_train, subset), y_train[subset]
                 args = (cfg.tran1_epochs, "adamw", cfg.tran1_base_lr, 0.05, 1)
             epochs, optimizer, base_lr, wd, warmup = args
             head.to(device)
             history = train_head(
                 head,
                 x_train,
-                cache.train.labels,
+                y_train,
                 epochs,
                 cfg.batch_size,
                 optimizer,
@@ -171,10 +221,11 @@ def run_probes(
                 warmup,
                 desc=f"{kind} probe",
             )
-            scores = predict(head, x_val)
+            scores = predict(head, x_val, batch_size=cfg.batch_size)
             metrics[kind] = {
                 **topk_accuracy(scores, cache.val.labels, c),
                 "epochs": epochs,
+                "train_images": len(y_train),
                 "final_train_loss": history[-1],
             }
             heads[kind] = head.cpu()

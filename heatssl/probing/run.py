@@ -127,7 +127,10 @@ def probe(
     named: Collection[str] = (),
     title: str | None = None,
 ) -> ProbeResult:
-    """Probe the backbone ``source`` on ``cfg.data`` with ``cfg.probe``; write the output folder."""
+    """Probe the backbone ``source`` on ``cfg.data`` with ``cfg.probe``; write the output folder.
+
+    tran-1's grids are written to ``<out>/grids/`` during the run and removed at its end.
+    """
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, cfg)
     torch.manual_seed(cfg.seed)
     backbone = resolve_backbone(source, cfg, named=named)
@@ -138,8 +141,12 @@ def probe(
         data.feature_dataloader("train", batch),
         data.feature_dataloader("val", batch),
         data.class_names,
+        grid_dir=out / "grids" if "tran1" in cfg.probe.kinds else None,
     )
-    metrics, heads = run_probes(cache, cfg.probe)
+    try:
+        metrics, heads = run_probes(cache, cfg.probe)
+    finally:
+        cache.delete_grids()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     for kind, head in heads.items():
@@ -160,7 +167,7 @@ def probe(
         "train_images": len(cache.train),
         "val_images": len(cache.val),
         "output_stride": backbone.create_kwargs.get("output_stride"),
-        "feature_grid": list(cache.train.grids.shape[1:]),
+        "feature_grid": list(cache.train.grid_shape),
         "extract_seconds": cache.seconds,
         "probes": metrics,
     }

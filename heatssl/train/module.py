@@ -26,6 +26,7 @@ from heatssl.model.qbheat import patch_normalize
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
 from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
 from heatssl.train.checkpoint import restore_rng, rng_state
+from heatssl.train.nonfinite import NonFiniteWatch
 
 
 def drop_pruned_layers(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +63,8 @@ class HeatPretrainModule(L.LightningModule):
                 self.qbheat.backbone.set_grad_checkpointing(True)
         if cfg.trainer.channels_last:
             self.qbheat.to(memory_format=torch.channels_last)
+        self._watch = NonFiniteWatch()
+        self.last_loss: Tensor | None = None
         self.online: LinearHead | None = None
         if cfg.probe.online and num_classes:
             # Trained on detached kept-quarter features: a cheap signal to watch, not the real probe.
@@ -70,11 +73,14 @@ class HeatPretrainModule(L.LightningModule):
             self.online_val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def configure_model(self) -> None:
-        """Compile the backbone and decoder in place (state-dict keys unchanged), when asked."""
+        """Compile the whole QB-Heat forward in place (state-dict keys unchanged), when asked.
+
+        One graph: quarter crop, encoder, heat steps, decoder, heat loss and pixel loss (no graph
+        break: the sampled quadrants are never read on the host).
+        """
         t = self.cfg.trainer
         if t.compile and not getattr(self, "_compiled", False):
-            self.qbheat.backbone.compile(mode=t.compile_mode)
-            self.qbheat.decoder.compile(mode=t.compile_mode)
+            self.qbheat.compile(mode=t.compile_mode)
             self._compiled = True
 
     @property
@@ -96,9 +102,9 @@ class HeatPretrainModule(L.LightningModule):
             parts["train/heat"] = out.heat
         if out.commute is not None:
             parts["train/commute"] = out.commute
-        self._stop_if_not_finite(parts)
+        self._watch_loss(parts)
         self.log_dict(parts, prog_bar=False, sync_dist=False, batch_size=images.shape[0])
-        self.log("loss", out.loss, prog_bar=True, logger=False, batch_size=images.shape[0])
+        self.last_loss = out.loss.detach()  # the progress bar reads it when it refreshes
         if self.online is None:
             return out.loss
         logits = self.online(out.block.detach().float().mean(dim=(-2, -1)))
@@ -108,24 +114,52 @@ class HeatPretrainModule(L.LightningModule):
         self.log("online/train_top1", self.online_train_acc, on_step=False, on_epoch=True)
         return out.loss + online_loss
 
-    def _stop_if_not_finite(self, parts: dict[str, Tensor]) -> None:
-        """Stop before a non-finite loss reaches the weights (on every process, if any has one)."""
-        bad = not bool(torch.isfinite(parts["train/loss"].detach()).item())
-        if self._trainer is not None:
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
+    def on_train_start(self) -> None:
+        """Count steps on the device; under DDP give every process its own random stream.
+
+        With one seed, every rank would draw the same quadrants and (in-process) augmentations.
+        """
+        self._watch.start(self.global_step, self.device)
+        if self.trainer.world_size > 1:
+            L.seed_everything(self.cfg.seed + 100_003 * self.global_rank, verbose=False)
+
+    def _watch_loss(self, parts: dict[str, Tensor]) -> None:
+        """Note a non-finite loss on the device; the optimiser skips from it on (fused AdamW).
+
+        Without fused AdamW the flag is read at once (a host sync per step), as there is nothing
+        to skip the step with.
+        """
+        seen = self._watch.note(parts)
+        optimizer = self.optimizers().optimizer if self._trainer is not None else None
+        if optimizer is not None and optimizer.defaults.get("fused"):
+            optimizer.found_inf = seen  # read by AdamW's fused step: skips it on the device
+        else:
+            self.stop_if_not_finite()
+
+    def stop_if_not_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss (host read)."""
+        found = self._watch.seen()
+        if found is None:
             return
-        values = ", ".join(f"{k.split('/')[-1]}={float(v.detach()):.4g}" for k, v in parts.items())
+        step, values = found
         raise NonFiniteLossError(
-            f"non-finite loss at step {self.global_step} (epoch {self.current_epoch}): {values}. "
-            f"The weights were not updated with it and the last checkpoint is the last good one. "
-            f"Fix: lower optim.base_lr (now {self.cfg.optim.base_lr:g}), keep "
-            f"trainer.gradient_clip_val set, or train in full precision "
-            f"(trainer.precision=32-true; now {self.cfg.trainer.precision}); then --resume."
+            f"non-finite loss at step {step}: {values}. The weights were not updated with it and "
+            f"the last checkpoint is the last good one. Fix: lower optim.base_lr (now "
+            f"{self.cfg.optim.base_lr:g}), keep trainer.gradient_clip_val set, or train in full "
+            f"precision (trainer.precision=32-true; now {self.cfg.trainer.precision}); then --resume."
         )
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Read the non-finite flag every ``trainer.log_every_n_steps`` batches (a host sync)."""
+        if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.stop_if_not_finite()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the random generators, so a resumed run draws what an unbroken one would."""
+        """Keep the random generators, so a resumed run draws what an unbroken one would.
+
+        A run that met a non-finite loss stops here instead of writing the checkpoint.
+        """
+        self.stop_if_not_finite()
         checkpoint["rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib.util
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from heatssl.config import Config
@@ -79,6 +80,43 @@ def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
     return CSVLogger(save_dir=str(run_dir), name="", version="")
 
 
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's bar, showing the module's ``last_loss`` read only when the bar refreshes.
+
+    A value logged with ``prog_bar=True`` is read on the host after every step, refreshed or not.
+    """
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is not None:
+            metrics["loss"] = f"{float(loss):.3f}"
+        return metrics
+
+
+class SparseTimeCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint's ``train_time_interval`` trigger, consulted every ``check_every`` batches.
+
+    Lightning's own check broadcasts the decision from rank 0 at every batch (a collective and a
+    host sync); minutes-long intervals need no such precision.
+    """
+
+    def __init__(self, check_every: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.check_every = max(1, check_every)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if (batch_idx + 1) % self.check_every == 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 def _checkpoint_callbacks(cfg: Config, run_dir: Path) -> list[L.Callback]:
     """One per epoch interval (kept) plus mid-epoch triggers that only refresh ``last.ckpt``."""
     t = cfg.trainer
@@ -93,17 +131,25 @@ def _checkpoint_callbacks(cfg: Config, run_dir: Path) -> list[L.Callback]:
         enable_version_counter=False,  # every trigger below refreshes the same last.ckpt
     )
     # Mid-epoch: only last.ckpt is refreshed (save_top_k=0), so --resume loses at most that much.
-    triggers = []  # Lightning takes one trigger per ModelCheckpoint
+    last_only = {"dirpath": folder, "save_top_k": 0, "save_last": True}
+    mid_epoch: list[L.Callback] = []  # Lightning takes one trigger per ModelCheckpoint
     if t.checkpoint_every_n_steps:
-        triggers.append({"every_n_train_steps": t.checkpoint_every_n_steps})
-    if t.checkpoint_every_n_minutes:
-        triggers.append({"train_time_interval": timedelta(minutes=t.checkpoint_every_n_minutes)})
-    mid_epoch = [
-        ModelCheckpoint(
-            dirpath=folder, save_top_k=0, save_last=True, enable_version_counter=False, **trigger
+        mid_epoch.append(
+            ModelCheckpoint(
+                every_n_train_steps=t.checkpoint_every_n_steps,
+                enable_version_counter=False,
+                **last_only,
+            )
         )
-        for trigger in triggers
-    ]
+    if t.checkpoint_every_n_minutes:
+        mid_epoch.append(
+            SparseTimeCheckpoint(
+                t.log_every_n_steps,
+                train_time_interval=timedelta(minutes=t.checkpoint_every_n_minutes),
+                enable_version_counter=False,
+                **last_only,
+            )
+        )
     return [epochs, *mid_epoch]
 
 
@@ -113,6 +159,9 @@ def build_trainer(
     """A Lightning Trainer for ``cfg`` writing into ``run_dir`` (plus any extra ``callbacks``)."""
     t = cfg.trainer
     check_machine(cfg)
+    on_gpu = _uses_gpu(cfg)
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: float32 keeps bf16's range
     trainer_callbacks: list[L.Callback] = [
         *_checkpoint_callbacks(cfg, run_dir),
         BadImageReport(run_dir / "bad_images.txt"),
@@ -121,6 +170,8 @@ def build_trainer(
     logger = _logger(cfg, run_dir)
     if logger:
         trainer_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if t.progress_bar:  # the bar reads the loss on the host: as often as the logger, not every step
+        trainer_callbacks.append(LossProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     trainer_callbacks += list(callbacks or [])
     return L.Trainer(
         default_root_dir=str(run_dir),
@@ -137,6 +188,7 @@ def build_trainer(
         limit_val_batches=1.0 if cfg.probe.online else 0,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
+        benchmark=on_gpu,  # cuDNN picks its fastest kernels for the (fixed) input sizes
         logger=logger,
         callbacks=trainer_callbacks,
         plugins=[AtomicCheckpointIO()],

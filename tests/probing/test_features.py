@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from heatssl.errors import ConfigError
 from heatssl.model.backbone import Backbone
 from heatssl.probing.features import FeatureCache, FeatureSet, build_cache, check_labels, extract
+from heatssl.probing.grid_store import GridStore
 
 CPU = torch.device("cpu")
 
@@ -46,14 +47,14 @@ def _loader(n: int, batch_size: int, seed: int = 0, labels: torch.Tensor | None 
 
 
 def _set(labels: list[int], d: int = 4) -> FeatureSet:
-    return FeatureSet(torch.zeros(len(labels), d, 2, 2, dtype=torch.float16), torch.tensor(labels))
+    return FeatureSet.from_grids(torch.zeros(len(labels), d, 2, 2), torch.tensor(labels))
 
 
 # ------------------------------------------------------------------------------------------ extract
 
 
 @pytest.mark.parametrize("start_training", [True, False])
-def test_extract_one_pass_float16_cpu_in_order(resnet, start_training):
+def test_extract_one_pass_pooled_float16_in_order(resnet, start_training, tmp_path):
     wrapped = Counting(resnet)
     wrapped.train(start_training)
     labels = torch.tensor([2, 0, 1, 1, 0, 2, 2])
@@ -65,17 +66,26 @@ def test_extract_one_pass_float16_cpu_in_order(resnet, start_training):
     assert wrapped.modes == [False, False, False]  # eval mode while extracting
     assert wrapped.training is start_training and resnet.training is start_training
     d = resnet.num_features
-    assert feats.grids.shape == (7, d, 2, 2)
-    assert feats.grids.dtype == torch.float16 and feats.grids.device.type == "cpu"
+    assert feats.grids is None and feats.grid_shape == (d, 2, 2)  # no grids unless asked
+    assert feats.pooled.shape == (7, d) and feats.pooled.dtype == torch.float16
     assert feats.labels.dtype == torch.long
     assert torch.equal(feats.labels, labels)
     assert len(feats) == 7
-    # Grids are the eval-mode backbone outputs of the images, in loader order.
+    # Pooled features are the eval-mode backbone outputs' spatial means, in loader order.
     resnet.eval()
     with torch.no_grad():
-        ref = resnet(images).to(torch.float16)
+        ref = resnet(images)
     resnet.train(start_training)
-    torch.testing.assert_close(feats.grids, ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(feats.pooled.float(), ref.mean((2, 3)), atol=2e-3, rtol=2e-3)
+
+    # With a file for the grids, they are written there in loader order, float16.
+    stored = extract(resnet, loader, CPU, grids_to=tmp_path / "g.f16")
+    assert isinstance(stored.grids, GridStore) and stored.grids.shape == (7, d, 2, 2)
+    assert (tmp_path / "g.f16").stat().st_size == 7 * d * 4 * 2
+    torch.testing.assert_close(stored.grids[:], ref.half(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(stored.pooled, feats.pooled)
+    stored.grids.delete()
+    assert not (tmp_path / "g.f16").exists()
 
 
 def test_extract_no_grad():
@@ -93,7 +103,7 @@ def test_extract_no_grad():
     loader, _ = _loader(4, batch_size=2)
     feats = extract(Probe(), loader, CPU)
     assert seen == [False, False]
-    assert feats.grids.shape == (4, 5, 16, 16) and not feats.grids.requires_grad
+    assert feats.grid_shape == (5, 16, 16) and not feats.pooled.requires_grad
 
 
 def test_extract_empty_loader_raises():
@@ -109,14 +119,14 @@ def test_extract_empty_loader_raises():
 # -------------------------------------------------------------------------------------- build_cache
 
 
-def test_build_cache_counts_and_layout(resnet):
+def test_build_cache_counts_and_layout(resnet, tmp_path):
     wrapped = Counting(resnet)
     wrapped.train()
     train_loader, train_images = _loader(10, batch_size=4, seed=1)
     val_loader, val_images = _loader(5, batch_size=2, seed=2)
     names = ["cat", "dog", "eel"]
 
-    cache = build_cache(wrapped, train_loader, val_loader, names, device=CPU)
+    cache = build_cache(wrapped, train_loader, val_loader, names, CPU, grid_dir=tmp_path)
 
     assert isinstance(cache, FeatureCache)
     assert wrapped.images == 15 and wrapped.calls == 3 + 3
@@ -124,7 +134,7 @@ def test_build_cache_counts_and_layout(resnet):
     assert wrapped.training and resnet.training
     d = resnet.num_features
     assert cache.train.grids.shape == (10, d, 2, 2) and cache.val.grids.shape == (5, d, 2, 2)
-    assert cache.train.grids.dtype == torch.float16 == cache.val.grids.dtype
+    assert cache.train.pooled.shape == (10, d) and cache.val.pooled.shape == (5, d)
     assert torch.equal(cache.train.labels, torch.arange(10) % 3)
     assert torch.equal(cache.val.labels, torch.arange(5) % 3)
     assert cache.class_names == names and cache.class_names is not names
@@ -135,8 +145,11 @@ def test_build_cache_counts_and_layout(resnet):
         train_ref = resnet(train_images).half()
         val_ref = resnet(val_images).half()
     resnet.train()
-    torch.testing.assert_close(cache.train.grids, train_ref, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(cache.val.grids, val_ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cache.train.grids[:], train_ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cache.val.grids[:], val_ref, atol=2e-3, rtol=2e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_grids.f16", "val_grids.f16"]
+    cache.delete_grids()
+    assert not list(tmp_path.iterdir()) and cache.train.grids is None
 
 
 def test_build_cache_checks_labels():
@@ -151,14 +164,12 @@ def test_build_cache_checks_labels():
 # ---------------------------------------------------------------------------------------- FeatureSet
 
 
-def test_pooled_is_float_spatial_mean():
+def test_pooled_is_the_spatial_mean_in_float16():
     grids = torch.randn(6, 5, 3, 4).half()
-    fs = FeatureSet(grids, torch.zeros(6, dtype=torch.long))
-    pooled = fs.pooled
-    assert pooled.dtype == torch.float32 and pooled.shape == (6, 5)
-    assert torch.equal(pooled, grids.float().mean((2, 3)))
-    manual = grids.float().sum((2, 3)) / 12
-    torch.testing.assert_close(pooled, manual)
+    fs = FeatureSet.from_grids(grids, torch.zeros(6, dtype=torch.long))
+    assert fs.pooled.dtype == torch.float16 and fs.pooled.shape == (6, 5)
+    assert torch.equal(fs.pooled, grids.float().mean((2, 3)).half())
+    assert fs.grid_shape == (5, 3, 4) and fs.grids is grids
 
 
 # ------------------------------------------------------------------------------------- check_labels
@@ -193,7 +204,7 @@ def test_check_labels_val_class_unseen_in_train():
 
 def test_check_labels_refuses_labels_without_class_names():
     grids = torch.zeros(4, 2, 1, 1, dtype=torch.float16)
-    train = FeatureSet(grids, torch.tensor([0, 1, 2, 0]))
-    val = FeatureSet(grids, torch.tensor([0, 1, 0, 1]))
+    train = FeatureSet.from_grids(grids, torch.tensor([0, 1, 2, 0]))
+    val = FeatureSet.from_grids(grids, torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ConfigError, match="Label 2 has no class name"):
         check_labels(train, val, ["a", "b"])

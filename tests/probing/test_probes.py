@@ -169,7 +169,10 @@ def cache() -> FeatureCache:
     x_tr = x_tr + shift[y_tr][:, :, None, None]
     x_te = x_te + shift[y_te][:, :, None, None]
     return FeatureCache(
-        FeatureSet(x_tr.half(), y_tr), FeatureSet(x_te.half(), y_te), ["r", "g", "b"], 0.5
+        FeatureSet.from_grids(x_tr.half(), y_tr),
+        FeatureSet.from_grids(x_te.half(), y_te),
+        ["r", "g", "b"],
+        0.5,
     )
 
 

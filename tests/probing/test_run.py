@@ -34,7 +34,7 @@ def test_random_init_baseline_writes_everything(probe_overrides, tmp_path):
     assert info["num_classes"] == 10 and info["backbone"] == "test_resnet"
     assert (tmp_path / "out" / "tran1_head.safetensors").is_file()
     assert (tmp_path / "out" / "config.yaml").is_file()
-    assert result.cache.train.grids.shape[1] == head.fc.in_features
+    assert result.cache.train.grid_shape[0] == head.fc.in_features
 
 
 def test_checkpoint_source_uses_its_own_config(probe_overrides):

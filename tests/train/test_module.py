@@ -90,8 +90,20 @@ def test_channels_last_and_compile_settings_apply(tiny_overrides):
     convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     module.configure_model()
-    assert module.qbheat.backbone._compiled_call_impl is not None
-    assert module.qbheat.decoder._compiled_call_impl is not None
+    assert module.qbheat._compiled_call_impl is not None  # the whole objective, one graph
+
+
+@pytest.mark.parametrize(
+    "recipe_overrides",
+    [[], ["model.backbone=test_vit", "model.output_stride=null", "model.kwargs={patch_size: 4}"]],
+)
+def test_the_whole_qbheat_step_compiles_without_a_graph_break(tiny_overrides, recipe_overrides):
+    """fullgraph=True raises at the first graph break (dynamo only, no code generation)."""
+    module = HeatPretrainModule(load_config("demo", [*tiny_overrides, *recipe_overrides]))
+    compiled = torch.compile(module.qbheat, fullgraph=True, backend="eager")
+    out = compiled(torch.randn(4, 3, 32, 32))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.heat is not None and out.commute is not None
 
 
 def test_a_checkpoint_holding_pruned_layers_still_loads(tiny_overrides):

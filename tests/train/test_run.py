@@ -157,7 +157,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_overrides
     cfg = load_config("demo", [*tiny_overrides, "trainer.max_epochs=3"])
     steps_per_epoch = len(build_datamodule(cfg.data).train_dataset) // 8
     bad_step = steps_per_epoch + 1  # the second step of the second epoch
-    with pytest.raises(NonFiniteLossError, match=f"step {bad_step} .*lower optim.base_lr"):
+    with pytest.raises(NonFiniteLossError, match=f"step {bad_step}: .*lower optim.base_lr"):
         run.pretrain(cfg, callbacks=[_PoisonBatch(bad_step)])
     last = torch.load(checkpoint_dir(cfg.run_dir) / "last.ckpt", weights_only=True)
     assert last["global_step"] == steps_per_epoch  # the end of the first epoch: the last good one
@@ -226,3 +226,29 @@ def test_sigkill_mid_epoch_then_resume_trains_the_same_steps_on_the_same_data(tm
     for key, value in reference["state_dict"].items():
         assert torch.allclose(final["state_dict"][key].float(), value.float(), atol=1e-5), key
     assert run.backbone_from_checkpoint(last) is not None  # the resumed result loads
+
+
+class _Weights(L.Callback):
+    """A checksum of the weights after every step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        total = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
+        self.sums[trainer.global_step] = total
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_until_the_next_read(tiny_overrides):
+    """Read every 3 steps: the bad step and the ones after it change no weight, then it stops."""
+    cfg = load_config(
+        "demo", [*tiny_overrides, "trainer.max_epochs=3", "trainer.log_every_n_steps=3"]
+    )
+    bad_step = 4
+    weights = _Weights()
+    with pytest.raises(NonFiniteLossError, match=f"step {bad_step}: loss=nan"):
+        run.pretrain(cfg, callbacks=[_PoisonBatch(bad_step), weights])
+    after_bad = [weights.sums[s] for s in sorted(weights.sums) if s > bad_step]
+    assert after_bad and all(v == weights.sums[bad_step] for v in after_bad)
+    assert all(torch.isfinite(torch.tensor(list(weights.sums.values()))))
+    assert max(weights.sums) <= bad_step + 3  # stopped at the first read after the bad step
