@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from heatssl.config import Config, load_config
-from heatssl.errors import ConfigError, HeatSSLError, NonFiniteLossError
+from heatssl.errors import ConfigError, HeatSSLError
 from heatssl.explain import run as explaining
 from heatssl.explain.cam import METHODS
 from heatssl.probing import run as probing
@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         with trust:
             return _dispatch(args)
     except HeatSSLError as err:
-        word = "stopped" if isinstance(err, NonFiniteLossError) else "error"
-        print(f"heatssl: {word}: {err}", file=sys.stderr)
+        print(f"heatssl: {err.label}: {err}", file=sys.stderr)
         return err.exit_code
 
 

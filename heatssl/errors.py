@@ -22,6 +22,7 @@ class HeatSSLError(Exception):
     """Base of every error heatssl raises on purpose; the CLI exits with ``exit_code``."""
 
     exit_code = 2
+    label = "error"  # how the CLI introduces the message
 
 
 class ArgumentError(HeatSSLError, ValueError):
@@ -45,9 +46,10 @@ class CheckpointError(HeatSSLError):
 
 
 class NonFiniteLossError(HeatSSLError):
-    """The training loss became NaN or infinite; raised before the optimiser step."""
+    """The training loss became NaN or infinite; no weight was updated with it."""
 
     exit_code = 3
+    label = "stopped"
 
 
 def rename_arguments(message: str, names: Mapping[str, str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,7 +53,13 @@ class EpochSampler(Sampler[int]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and ``random`` in each loader worker from torch's per-worker seed (itself seeded)."""
+    """Seed numpy and ``random`` in each loader worker from torch's per-worker seed (itself seeded).
+
+    Workers also ignore SIGUSR1: SLURM sends the preemption signal to every process of a job step,
+    and only the training process should act on it (by default the signal would kill the worker).
+    """
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

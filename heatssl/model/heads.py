@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from heatssl.errors import ArgumentError
 
@@ -45,6 +46,8 @@ class LinearHead(nn.Module):
 class Tran1Head(nn.Module):
     """One transformer block over the (h x w) grid tokens, mean-pooled, then a :class:`LinearHead`."""
 
+    chunk = 32  # images through the block at a time
+
     def __init__(self, in_dim: int, num_classes: int, tokens: int, heads: int = 0) -> None:
         super().__init__()
         heads = heads or max(1, in_dim // 64)
@@ -59,6 +62,17 @@ class Tran1Head(nn.Module):
         self.head = LinearHead(in_dim, num_classes)
 
     def forward(self, grid: Tensor) -> Tensor:
-        """Logits (N, C) from feature grids (N, d, h, w)."""
+        """Logits (N, C) from feature grids (N, d, h, w).
+
+        The block sees each image on its own, so it runs over ``chunk`` images at a time, and in
+        training recomputes their activations in the backward pass: the same numbers as one pass
+        over the batch, without a batch of wide grids' activations (hundreds of MB) held at once.
+        Only the head's BatchNorm needs the whole batch.
+        """
         tokens = grid.flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.norm(self.block(tokens)).mean(dim=1))
+        recompute = self.training and torch.is_grad_enabled()
+        parts = [
+            checkpoint(self.block, part, use_reentrant=False) if recompute else self.block(part)
+            for part in tokens.split(self.chunk)
+        ]
+        return self.head(self.norm(torch.cat(parts)).mean(dim=1))

@@ -112,7 +112,7 @@ def knn_scores(
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 1024,
-    train_chunk: int = 65536,
+    train_chunk: int = 16384,
     device: torch.device | None = None,
 ) -> Tensor:
     """Class scores (Nq, C): each of the k most cosine-similar train features votes exp(sim / T).

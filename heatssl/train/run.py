@@ -6,11 +6,15 @@ A run folder holds ``config.yaml`` (the resolved config: rerun with ``heatssl pr
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import _init_dist_connection
 
 from heatssl.config import Config, load_config, save_config
 from heatssl.data.module import build_datamodule
@@ -22,6 +26,9 @@ from heatssl.train.build import scale_line
 from heatssl.train.checkpoint import pickle_trusted, safe_torch_load
 from heatssl.train.module import HeatPretrainModule, drop_pruned_layers
 from heatssl.train.trainer import build_trainer, checkpoint_dir
+
+RESUME_ENV = "HEATSSL_RESUME_FROM"
+"""Set by process 0 for the processes it starts: the checkpoint it resolved (empty: none)."""
 
 
 @dataclass
@@ -62,6 +69,45 @@ def resolve_resume(cfg: Config, resume: str | None) -> str | None:
     return str(path)
 
 
+def agreed_resume(cfg: Config, resume: str | None, trainer: L.Trainer) -> str | None:
+    """:func:`resolve_resume` on process 0 only; every process of the run gets its answer.
+
+    Processes that see another (node-local, stale) run folder would otherwise load different
+    checkpoints and hang. Under an external launcher (SLURM, torchrun) the process group is set up
+    here, early, to broadcast the answer (Lightning reuses it); processes Lightning itself starts
+    inherit it through the environment.
+    """
+    if resume is None:
+        return None
+    if RESUME_ENV in os.environ:  # started by process 0's Lightning launcher, which resolved it
+        return os.environ[RESUME_ENV] or None
+    strategy = trainer.strategy
+    environment = getattr(strategy, "cluster_environment", None)
+    if (
+        trainer.world_size > 1
+        and environment is not None
+        and environment.creates_processes_externally
+    ):
+        _init_dist_connection(environment, strategy._get_process_group_backend())
+        answer: list[Any] = [None]
+        if trainer.global_rank == 0:
+            try:
+                answer = [("path", resolve_resume(cfg, resume))]
+            except ConfigError as err:
+                answer = [("error", str(err))]
+        group = dist.new_group(backend="gloo")  # objects travel on the CPU whatever the backend
+        dist.broadcast_object_list(answer, src=0, group=group)
+        dist.destroy_process_group(group)
+        kind, value = answer[0]
+        if kind == "error":
+            raise ConfigError(value)
+        return value
+    path = resolve_resume(cfg, resume)
+    if trainer.world_size > 1:  # Lightning starts the other processes with this environment
+        os.environ[RESUME_ENV] = path or ""
+    return path
+
+
 def pretrain(
     cfg: Config, resume: str | None = None, callbacks: list[L.Callback] | None = None
 ) -> PretrainResult:
@@ -69,15 +115,16 @@ def pretrain(
 
     ``callbacks`` are extra Lightning callbacks (monitors, custom logging) added to the Trainer.
     """
-    ckpt_path = resolve_resume(cfg, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks)
+    inherited = RESUME_ENV in os.environ
+    ckpt_path = agreed_resume(cfg, resume, trainer)  # a missing checkpoint stops here, early
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     if not cfg.data.download:
         datamodule.setup("fit")  # a missing or malformed dataset stops here, before anything runs
     classes = datamodule.num_classes if cfg.probe.online else None
     module = HeatPretrainModule(cfg, num_classes=classes)
-    trainer = build_trainer(cfg, run_dir, callbacks)
     if trainer.is_global_zero:
         save_config(cfg, run_dir / "config.yaml")
         print(
@@ -89,9 +136,13 @@ def pretrain(
         # A checkpoint needing pickle stops here with the reason; mapped, so the tensors are not
         # read twice (Lightning loads the file next).
         safe_torch_load(ckpt_path, mmap=True)
-    trainer.fit(
-        module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_trusted()
-    )
+    try:
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_trusted()
+        )
+    finally:
+        if not inherited:
+            os.environ.pop(RESUME_ENV, None)  # meant for this run's processes only
     return PretrainResult(
         run_dir=run_dir,
         last_checkpoint=checkpoint_dir(run_dir) / "last.ckpt",

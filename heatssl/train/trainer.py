@@ -15,12 +15,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from heatssl.config import Config
 from heatssl.errors import ConfigError
 from heatssl.train.build import scale_line
 from heatssl.train.callbacks import BadImageReport, ReconstructionPictures
 from heatssl.train.checkpoint import AtomicCheckpointIO
+from heatssl.train.preemption import PreemptionCheckpoint
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -166,7 +168,11 @@ def build_trainer(
         *_checkpoint_callbacks(cfg, run_dir),
         BadImageReport(run_dir / "bad_images.txt"),
         ReconstructionPictures(run_dir / "pictures", t.picture_every_n_epochs),
+        PreemptionCheckpoint(checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps),
     ]
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # our callback saves and requeues; Lightning's handler stays off
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     logger = _logger(cfg, run_dir)
     if logger:
         trainer_callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -191,6 +197,6 @@ def build_trainer(
         benchmark=on_gpu,  # cuDNN picks its fastest kernels for the (fixed) input sizes
         logger=logger,
         callbacks=trainer_callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         use_distributed_sampler=False,  # the data module shards itself (resumable mid-epoch)
     )

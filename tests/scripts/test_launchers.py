@@ -104,3 +104,13 @@ def test_scripts_without_arguments_print_usage():
     for script in ("pretrain.sh", "linear_eval.sh", "heatmaps.sh"):
         out = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True)
         assert out.returncode == 2 and "usage:" in out.stderr
+
+
+def test_the_sbatch_script_survives_requeues_as_documented():
+    text = (SCRIPTS / "slurm_pretrain.sbatch").read_text()
+    directives = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert "#SBATCH --signal=SIGUSR1@120" in directives  # every process of the step, not B:
+    assert "#SBATCH --requeue" in directives and "#SBATCH --open-mode=append" in directives
+    assert "export SRUN_CPUS_PER_TASK=" in text  # srun no longer inherits --cpus-per-task
+    assert "--resume=auto" in text
+    assert subprocess.run(["bash", "-n", str(SCRIPTS / "slurm_pretrain.sbatch")]).returncode == 0
