@@ -117,7 +117,7 @@ def test_every_script_command_in_the_docs_parses(doc, command, monkeypatch):
 
 def test_every_launcher_and_relative_link_exists():
     for doc, text in ALL_DOCS.items():
-        for script in re.findall(r"scripts/[\w.]+\.(?:sh|sbatch|py)", text):
+        for script in re.findall(r"(?<![\w/])scripts/[\w.]+\.(?:sh|sbatch|py)", text):
             assert (ROOT / script).is_file(), f"{doc} names a missing script: {script}"
         base = (ROOT / doc).parent
         for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", text):

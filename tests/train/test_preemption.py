@@ -53,8 +53,13 @@ def _overrides(run_dir: Path) -> list[str]:
     ]
 
 
-def _srun(tmp: Path, run_dir: Path, log: Path, **env: str) -> list[subprocess.CompletedProcess]:
-    """Both SLURM tasks of a job step, each in its own session, as srun starts them."""
+def _srun(
+    tmp: Path, run_dir: Path, log: Path, rank1_run_dir: Path | None = None, **env: str
+) -> list[subprocess.CompletedProcess]:
+    """Both SLURM tasks of a job step, each in its own session, as srun starts them.
+
+    ``rank1_run_dir``: process 1 sees another run folder (as on a node-local disk).
+    """
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
@@ -77,9 +82,10 @@ def _srun(tmp: Path, run_dir: Path, log: Path, **env: str) -> list[subprocess.Co
         **env,
     )
     command = [sys.executable, str(ENTRY), "pretrain", "-c", "demo", *_overrides(run_dir)]
+    own = {0: [], 1: [f"run_dir={rank1_run_dir}"] if rank1_run_dir else []}
     procs = [
         subprocess.Popen(
-            [*command, "--resume=auto"],
+            [*command, *own[rank], "--resume=auto"],
             env={**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -129,10 +135,13 @@ def test_sigusr1_saves_every_rank_at_one_step_requeues_and_resumes_to_the_same_w
     ranks = [_steps(Path(f"{log}.rank{r}")) for r in (0, 1)]
     assert ranks[0] == ranks[1] == list(range(5))  # both trained exactly steps 0..4
 
-    second = _srun(tmp_path, run_dir, tmp_path / "resumed.log")
+    # the requeued job; process 1 sees an empty folder: process 0's choice still holds for both
+    elsewhere = tmp_path / "node_local"
+    second = _srun(tmp_path, run_dir, tmp_path / "resumed.log", rank1_run_dir=elsewhere)
     for proc in second:
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _steps(Path(f"{tmp_path / 'resumed.log'}.rank0")) == list(range(5, STEPS))
+    for rank in (0, 1):
+        assert _steps(Path(f"{tmp_path / 'resumed.log'}.rank{rank}")) == list(range(5, STEPS))
     final = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")
     assert final["global_step"] == STEPS
     for key, value in unbroken.items():
