@@ -41,19 +41,21 @@ class StepTimer(L.Callback):
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.images, self.start, self.end = warmup, 0, None, None
+        self.seen = 0  # batches across epochs
 
     def _sync(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
+        if self.seen == self.warmup:
             self._sync()
             self.start = time.perf_counter()
-        if batch_idx >= self.warmup:
+        if self.seen >= self.warmup:
             self.images += batch[0].shape[0]
+        self.seen += 1
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
         self._sync()
         self.end = time.perf_counter()
 
@@ -87,11 +89,15 @@ def recipe_config(args: argparse.Namespace, recipe: str) -> Config:
     """The recipe on one device with the GPU launch settings (tiny and plain with --device cpu)."""
     gpu = args.device == "gpu"
     base = load_config(recipe)
-    data = (
-        ["data.name=synthetic", f"data.synthetic_size={max(args.batch * (args.steps + 2), 250)}"]
-        if args.data == "synthetic"
-        else ["data.name=imagefolder", f"data.root={args.data}"]
-    )
+    if args.data == "synthetic":
+        images = max(args.batch * (args.steps + 2), 250)
+        data = ["data.name=synthetic", f"data.synthetic_size={images}"]
+        train_images = int(images * (1 - base.data.val_fraction))
+    else:
+        data = ["data.name=imagefolder", f"data.root={args.data}"]
+        train_images = sum(1 for p in (Path(args.data) / "train").rglob("*") if p.is_file())
+    per_epoch = max(1, train_images // args.batch)
+    epochs = -(-args.steps // per_epoch)  # as many epochs as --steps needs
     overrides = [
         f"run_dir={Path(args.runs) / recipe}",
         *data,
@@ -103,8 +109,8 @@ def recipe_config(args: argparse.Namespace, recipe: str) -> Config:
         f"trainer.precision={'bf16-mixed' if gpu else '32-true'}",
         f"trainer.channels_last={str(gpu).lower()}",
         f"trainer.compile={str(gpu).lower()}",
-        "trainer.max_epochs=1",
-        f"trainer.limit_train_batches={args.steps}",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.limit_train_batches={min(args.steps, per_epoch)}",
         f"trainer.log_every_n_steps={min(50, args.steps)}",
         "trainer.checkpoint_every_n_minutes=0",
         "trainer.progress_bar=false",

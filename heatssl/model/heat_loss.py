@@ -81,10 +81,13 @@ class HeatLoss(nn.Module):
             return t.pow(2).sum(dim=1).mean()
 
         parts = torch.stack([msq(rx) + msq(ry), msq(dx) + msq(dy) + msq(z)])
-        if self.sync_distributed and self.training and _world_size() > 1:
-            # Differentiable all-reduce: its backward sums the gradients of every process, and
-            # DDP's averaging then gives exactly the single-process gradient of the global ratio.
-            from torch.distributed.nn.functional import all_reduce
+        world = _world_size()
+        if self.sync_distributed and self.training and world > 1:
+            # A differentiable gather (a functional collective: torch.compile keeps it in the
+            # graph): its backward sums every process's gradient, and DDP's averaging then gives
+            # exactly the single-process gradient of the global ratio.
+            from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-            parts = all_reduce(parts) / _world_size()
+            gathered = all_gather_tensor_autograd(parts, gather_dim=0, group=dist.group.WORLD)
+            parts = gathered.view(world, 2).mean(dim=0)
         return parts[0] / (parts[1] + self.eps)

@@ -171,12 +171,13 @@ def build_cache(
     train = extract(
         backbone, train_loader, device, "train features", folder and folder / "train_grids.f16"
     )
+    val = None
     try:
         val = extract(
             backbone, val_loader, device, "val features", folder and folder / "val_grids.f16"
         )
         check_labels(train, val, class_names)
     except BaseException:
-        FeatureCache(train, train, [], 0.0).delete_grids()
+        FeatureCache(train, val or train, [], 0.0).delete_grids()
         raise
     return FeatureCache(train, val, list(class_names), time.perf_counter() - start)

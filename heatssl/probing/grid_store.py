@@ -71,11 +71,25 @@ class GridStore:
         return self
 
     def _rows(self, index: int | slice | Tensor) -> np.ndarray:
-        if isinstance(index, int):
-            return np.array([index % self.rows])
         if isinstance(index, slice):
             return np.arange(self.rows)[index]
-        return torch.as_tensor(index).reshape(-1).numpy() % max(self.rows, 1)
+        rows = np.asarray(torch.as_tensor(index).reshape(-1).numpy(), dtype=np.int64)
+        if rows.size and (rows.min() < -self.rows or rows.max() >= self.rows):
+            raise IndexError(f"row index out of range for a store of {self.rows} rows")
+        return rows % max(self.rows, 1)
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        """Exactly ``size`` bytes at ``offset`` (one read returns at most about 2 GiB)."""
+        parts, done = [], 0
+        while done < size:
+            data = os.pread(self._read, size - done, offset + done)
+            if not data:
+                raise OSError(
+                    f"{self.path} ends before byte {offset + size}: the file is truncated"
+                )
+            parts.append(data)
+            done += len(data)
+        return b"".join(parts)
 
     def __getitem__(self, index: int | slice | Tensor) -> Tensor:
         if self._read is None:
@@ -90,7 +104,7 @@ class GridStore:
             while stop < len(order) and rows[order[stop]] == rows[order[stop - 1]] + 1:
                 stop += 1
             first, count = rows[order[start]], stop - start
-            data = os.pread(self._read, count * self.row_bytes, int(first) * self.row_bytes)
+            data = self._pread(count * self.row_bytes, int(first) * self.row_bytes)
             chunk = np.frombuffer(data, dtype=np.uint8).reshape(count, self.row_bytes)
             flat[order[start:stop]] = chunk
             start = stop

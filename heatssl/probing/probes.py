@@ -117,27 +117,30 @@ def knn_scores(
 ) -> Tensor:
     """Class scores (Nq, C): each of the k most cosine-similar train features votes exp(sim / T).
 
-    The train features are compared ``train_chunk`` rows at a time (keeping the running top k), so
-    no float32 copy of the whole train set is made; the work runs on ``device``, the scores are on
-    the CPU.
+    The train features are compared ``train_chunk`` rows at a time against every query (keeping
+    each query's running top k), so no float32 copy of the whole train set is made and each train
+    row is moved to ``device`` once; the scores are on the CPU.
     """
     device = device or torch.device("cpu")
     k = min(k, train.shape[0])
-    scores = []
-    for i in range(0, query.shape[0], chunk):
-        q = F.normalize(query[i : i + chunk].to(device).float(), dim=1)
-        best_sim = torch.empty(q.shape[0], 0, device=device)
-        best_idx = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
-        for j in range(0, train.shape[0], train_chunk):
-            block = F.normalize(train[j : j + train_chunk].to(device).float(), dim=1)
+    queries = [
+        F.normalize(query[i : i + chunk].to(device).float(), dim=1)
+        for i in range(0, query.shape[0], chunk)
+    ]
+    best_sim = [torch.empty(q.shape[0], 0, device=device) for q in queries]
+    best_idx = [torch.empty(q.shape[0], 0, dtype=torch.long, device=device) for q in queries]
+    for j in range(0, train.shape[0], train_chunk):  # each train row is moved and normalised once
+        block = F.normalize(train[j : j + train_chunk].to(device).float(), dim=1)
+        for n, q in enumerate(queries):
             block_sim, block_idx = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
-            sim = torch.cat([best_sim, block_sim], dim=1)
-            idx = torch.cat([best_idx, block_idx + j], dim=1)
-            best_sim, pick = sim.topk(min(k, sim.shape[1]), dim=1)
-            best_idx = idx.gather(1, pick)
-        votes = torch.zeros(q.shape[0], num_classes)
-        labels = train_labels[best_idx.cpu()]
-        votes.scatter_add_(1, labels, (best_sim.cpu() / temperature).exp())
+            sim = torch.cat([best_sim[n], block_sim], dim=1)
+            idx = torch.cat([best_idx[n], block_idx + j], dim=1)
+            best_sim[n], pick = sim.topk(min(k, sim.shape[1]), dim=1)
+            best_idx[n] = idx.gather(1, pick)
+    scores = []
+    for sims, idx in zip(best_sim, best_idx, strict=True):
+        votes = torch.zeros(sims.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx.cpu()], (sims.cpu() / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
 

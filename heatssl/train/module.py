@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -19,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from heatssl.config import Config, config_keys, load_config
 from heatssl.data.datasets import Batch
 from heatssl.data.transforms import denormalize
-from heatssl.errors import NonFiniteLossError
+from heatssl.errors import CheckpointError, NonFiniteLossError
 from heatssl.model.heads import LinearHead
 from heatssl.model.optim import warmup_cosine, weight_decay_groups
 from heatssl.model.qbheat import patch_normalize
@@ -39,8 +40,14 @@ def drop_pruned_layers(module: torch.nn.Module, state: dict[str, Any]) -> dict[s
     return {k: v for k, v in state.items() if k in own or not k.startswith(prefix)}
 
 
-def _can_fuse(params: Any) -> bool:
-    """Fused AdamW (one kernel for all tensors) where every parameter allows it."""
+def _can_fuse(params: Any, precision: str) -> bool:
+    """Fused AdamW (one kernel for all tensors) where every parameter allows it.
+
+    Not with float16 mixed precision: its gradient scaler unscales inside a fused step, which
+    Lightning refuses together with gradient clipping.
+    """
+    if str(precision).startswith("16"):
+        return False
     return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
 
 
@@ -64,6 +71,7 @@ class HeatPretrainModule(L.LightningModule):
         if cfg.trainer.channels_last:
             self.qbheat.to(memory_format=torch.channels_last)
         self._watch = NonFiniteWatch()
+        self._rng_restored = False  # a resumed run continues each process's random draws
         self.last_loss: Tensor | None = None
         self.online: LinearHead | None = None
         if cfg.probe.online and num_classes:
@@ -119,8 +127,8 @@ class HeatPretrainModule(L.LightningModule):
 
         With one seed, every rank would draw the same quadrants and (in-process) augmentations.
         """
-        self._watch.start(self.global_step, self.device)
-        if self.trainer.world_size > 1:
+        self._watch.start(self.global_step, self.device, self.trainer.accumulate_grad_batches)
+        if self.trainer.world_size > 1 and not self._rng_restored:
             L.seed_everything(self.cfg.seed + 100_003 * self.global_rank, verbose=False)
 
     def _watch_loss(self, parts: dict[str, Tensor]) -> None:
@@ -151,7 +159,8 @@ class HeatPretrainModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Read the non-finite flag every ``trainer.log_every_n_steps`` batches (a host sync)."""
-        if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        total = self.trainer.fit_loop.epoch_loop.total_batch_idx + 1  # across epochs
+        if total % max(1, self.trainer.log_every_n_steps) == 0:
             self.stop_if_not_finite()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -161,12 +170,35 @@ class HeatPretrainModule(L.LightningModule):
         """
         self.stop_if_not_finite()
         checkpoint["rng_state"] = rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every process builds the checkpoint (process 0 writes it): keep each one's generators
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, checkpoint["rng_state"])
+            checkpoint["rng_state_per_rank"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the random generators of a checkpoint (older checkpoints have none)."""
-        checkpoint["state_dict"] = drop_pruned_layers(self, checkpoint["state_dict"])
-        if "rng_state" in checkpoint and self._trainer is not None:
+        """Restore this process's random generators from a checkpoint (older ones have none).
+
+        Backbone layers pruned since the checkpoint was written are dropped; its optimiser state
+        still holds them and cannot be resumed, which is said plainly instead of failing later.
+        """
+        kept = drop_pruned_layers(self, checkpoint["state_dict"])
+        if len(kept) != len(checkpoint["state_dict"]) and checkpoint.get("optimizer_states"):
+            raise CheckpointError(
+                "this checkpoint was written before heatssl removed the backbone layers its grid "
+                "does not use; its weights load (heatssl probe / export), but its optimiser state "
+                "does not fit the smaller model, so it cannot be resumed. Start a new run."
+            )
+        checkpoint["state_dict"] = kept
+        if self._trainer is None:
+            return
+        per_rank = checkpoint.get("rng_state_per_rank")
+        if per_rank and len(per_rank) == self.trainer.world_size:
+            restore_rng(per_rank[self.global_rank])
+            self._rng_restored = True
+        elif "rng_state" in checkpoint:
             restore_rng(checkpoint["rng_state"])
+            self._rng_restored = self.trainer.world_size == 1
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Online-probe accuracy on val images' kept quarters (all four quadrants in turn)."""
@@ -190,7 +222,7 @@ class HeatPretrainModule(L.LightningModule):
             groups,
             lr=self.learning_rate(),
             betas=tuple(opt.betas),
-            fused=_can_fuse(self.qbheat.parameters()),
+            fused=_can_fuse(self.qbheat.parameters(), self.cfg.trainer.precision),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))

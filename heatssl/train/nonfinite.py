@@ -20,14 +20,16 @@ class NonFiniteWatch:
     """The first non-finite loss of a run, noted on the device."""
 
     def __init__(self) -> None:
-        self.step: Tensor | None = None  # the step counter, on the device
+        self.step: Tensor | None = None  # training batches so far, on the device
+        self.per_step = 1  # batches per optimiser step (gradient accumulation)
         self.first_bad: Tensor | None = None  # the first bad step, or -1
         self.parts: Tensor | None = None  # the loss parts at that step
         self.names: list[str] = []
 
-    def start(self, global_step: int, device: torch.device) -> None:
-        """Begin counting at ``global_step`` (one host-to-device copy per run)."""
-        self.step = torch.tensor(global_step, device=device)
+    def start(self, global_step: int, device: torch.device, per_step: int = 1) -> None:
+        """Begin counting at ``global_step`` of ``per_step`` batches each (one host-to-device copy)."""
+        self.per_step = max(1, per_step)
+        self.step = torch.tensor(global_step * self.per_step, device=device)
         self.first_bad = torch.tensor(-1, device=device)
         self.parts = None
 
@@ -57,4 +59,4 @@ class NonFiniteWatch:
         values = ", ".join(
             f"{n}={v:.4g}" for n, v in zip(self.names, self.parts.tolist(), strict=True)
         )
-        return int(self.first_bad), values
+        return int(self.first_bad) // self.per_step, values

@@ -99,7 +99,9 @@ class PreemptionCheckpoint(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if (batch_idx + 1) % self.check_every or not self._agreed(pl_module.device):
+        # batches across epochs, so that short epochs are checked too
+        total = trainer.fit_loop.epoch_loop.total_batch_idx + 1
+        if total % self.check_every or not self._agreed(pl_module.device):
             return
         trainer.save_checkpoint(self.checkpoint)  # every rank, this step; rank 0 writes
         job = slurm_job_id()

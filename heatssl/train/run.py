@@ -6,11 +6,11 @@ A run folder holds ``config.yaml`` (the resolved config: rerun with ``heatssl pr
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch.distributed as dist
@@ -88,20 +88,22 @@ def agreed_resume(cfg: Config, resume: str | None, trainer: L.Trainer) -> str | 
         and environment is not None
         and environment.creates_processes_externally
     ):
-        _init_dist_connection(environment, strategy._get_process_group_backend())
-        answer: list[Any] = [None]
+        # the group Lightning would make (its backend and timeout), made early; Lightning reuses it
+        backend = strategy._get_process_group_backend()
+        _init_dist_connection(environment, backend, timeout=strategy._timeout)
+        store = dist.distributed_c10d._get_default_store()  # a key-value store: no device involved
         if trainer.global_rank == 0:
             try:
-                answer = [("path", resolve_resume(cfg, resume))]
-            except ConfigError as err:
-                answer = [("error", str(err))]
-        group = dist.new_group(backend="gloo")  # objects travel on the CPU whatever the backend
-        dist.broadcast_object_list(answer, src=0, group=group)
-        dist.destroy_process_group(group)
-        kind, value = answer[0]
-        if kind == "error":
-            raise ConfigError(value)
-        return value
+                path = resolve_resume(cfg, resume)
+            except Exception as err:
+                store.set(RESUME_ENV, json.dumps({"error": f"process 0: {err}"}))
+                raise
+            store.set(RESUME_ENV, json.dumps({"path": path}))
+            return path
+        answer = json.loads(store.get(RESUME_ENV))  # waits for process 0
+        if "error" in answer:
+            raise ConfigError(answer["error"])
+        return answer["path"]
     path = resolve_resume(cfg, resume)
     if trainer.world_size > 1:  # Lightning starts the other processes with this environment
         os.environ[RESUME_ENV] = path or ""

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from heatssl.config import Config
 from heatssl.errors import ConfigError
@@ -115,7 +115,8 @@ class SparseTimeCheckpoint(ModelCheckpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if (batch_idx + 1) % self.check_every == 0:
+        # batches across epochs: an epoch shorter than check_every still gets its checks
+        if (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.check_every == 0:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
@@ -171,7 +172,9 @@ def build_trainer(
         PreemptionCheckpoint(checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps),
     ]
     plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # our callback saves and requeues; Lightning's handler stays off
+    if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
+        # our callback saves and requeues; Lightning's own handler stays off (torchrun inside a
+        # SLURM job keeps torchrun's ranks, as Lightning would choose)
         plugins.append(SLURMEnvironment(auto_requeue=False))
     logger = _logger(cfg, run_dir)
     if logger:

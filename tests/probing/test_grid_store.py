@@ -89,3 +89,17 @@ def test_a_cache_larger_than_the_memory_budget_stays_under_it(tmp_path):
     assert growth < 256 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB"
     assert tran1_images == 128
     assert not list(tmp_path.iterdir())  # the grid files are gone
+
+
+def test_bad_rows_and_a_truncated_file_are_refused(tmp_path):
+    store = GridStore(tmp_path / "g.f16")
+    store.append(torch.zeros(4, 2, 2, 2))
+    store.close()
+    assert torch.equal(store[torch.tensor([-1])], store[torch.tensor([3])])
+    with pytest.raises(IndexError, match="out of range"):
+        store[torch.tensor([4])]
+    with open(tmp_path / "g.f16", "r+b") as f:
+        f.truncate(store.row_bytes * 2)  # a file cut short behind the store's back
+    with pytest.raises(OSError, match="truncated"):
+        store[torch.tensor([3])]
+    store.delete()

@@ -216,3 +216,12 @@ def test_run_probes_names_the_config_key_of_a_bad_head_count(cache):
     cfg = ProbeConfig(kinds=["tran1"], tran1_epochs=1, tran1_heads=3)
     with pytest.raises(ConfigError, match=r"^probe\.tran1_heads=3 must divide"):
         run_probes(cache, cfg)
+
+
+def test_knn_over_train_chunks_equals_one_pass():
+    gen = torch.Generator().manual_seed(3)
+    train, query = torch.randn(53, 6, generator=gen).half(), torch.randn(9, 6, generator=gen)
+    labels = torch.randint(0, 4, (53,), generator=gen)
+    whole = knn_scores(train, labels, query, 4, k=5, train_chunk=10**6)
+    chunked = knn_scores(train, labels, query, 4, k=5, chunk=4, train_chunk=7)
+    torch.testing.assert_close(chunked, whole)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from heatssl.config import load_config
+from heatssl.errors import CheckpointError
 from heatssl.train.module import HeatPretrainModule, drop_pruned_layers
 
 
@@ -117,3 +118,14 @@ def test_a_checkpoint_holding_pruned_layers_still_loads(tiny_overrides):
     fresh.load_state_dict(drop_pruned_layers(fresh, old))
     other = {"qbheat.decoder.unknown": torch.zeros(1)}  # only the backbone's pruned layers go
     assert "qbheat.decoder.unknown" in drop_pruned_layers(fresh, {**old, **other})
+
+
+def test_resuming_a_checkpoint_from_before_pruning_is_refused_with_the_reason(tiny_overrides):
+    cfg = load_config("demo", [*tiny_overrides, "model.stage=-2", "data.image_size=32"])
+    module = HeatPretrainModule(cfg)
+    state = {**module.state_dict(), "qbheat.backbone.model.layer4.0.conv1.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        module.on_load_checkpoint({"state_dict": dict(state), "optimizer_states": [{}]})
+    weights_only = {"state_dict": dict(state)}  # what probe and export read: it loads
+    module.on_load_checkpoint(weights_only)
+    assert "qbheat.backbone.model.layer4.0.conv1.weight" not in weights_only["state_dict"]
