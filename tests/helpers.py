@@ -33,6 +33,33 @@ def tiny_settings(run_dir) -> list[str]:
     ]
 
 
+def same_on_every_rank(run_dir) -> list[str]:
+    """A run whose result does not depend on how its batch is split over processes.
+
+    No random draw that could differ between processes: no augmentation, a fixed quadrant, the
+    exact commutator; a ViT and a GroupNorm decoder: no BatchNorm statistics per process (torch's
+    SyncBatchNorm, the fix on GPUs, refuses CPU modules). Synthetic 32 px images, CPU, no logger.
+    """
+    return [
+        f"run_dir={run_dir}",
+        "model.backbone=test_vit",
+        "model.kwargs.patch_size=4",
+        "model.output_stride=null",
+        "data.name=synthetic",
+        "data.val_fraction=0",
+        "data.image_size=32",
+        "data.augment=none",
+        "heat.quadrant=top_left",
+        "heat.commute_probes=0",
+        "decoder.width=16",
+        "decoder.norm=group",
+        "optim.warmup_epochs=0",
+        "trainer.accelerator=cpu",
+        "trainer.progress_bar=false",
+        "trainer.logger=none",
+    ]
+
+
 def write_odd_and_bad_images(folder, seed: int = 0) -> None:
     """Every kind of file a real image folder holds: odd modes PIL reads and files it cannot.
 

@@ -25,6 +25,14 @@ REPORT_FIRST = 10  # files named in the printed report; the text file lists all
 PICTURE_IMAGES = 8  # columns of a reconstruction picture
 
 
+def batches_seen(trainer: L.Trainer) -> int:
+    """Training batches of this run so far, across epochs, the current one included.
+
+    What "every N batches" checks count, so that an epoch shorter than N is checked too.
+    """
+    return trainer.fit_loop.epoch_loop.total_batch_idx + 1
+
+
 class BadImageReport(L.Callback):
     """Counts and names the unreadable files met in each epoch (training and validation)."""
 

@@ -26,6 +26,7 @@ from heatssl.model.optim import warmup_cosine, weight_decay_groups
 from heatssl.model.qbheat import patch_normalize
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
 from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
+from heatssl.train.callbacks import batches_seen
 from heatssl.train.checkpoint import restore_rng, rng_state
 from heatssl.train.nonfinite import NonFiniteWatch
 
@@ -159,8 +160,7 @@ class HeatPretrainModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Read the non-finite flag every ``trainer.log_every_n_steps`` batches (a host sync)."""
-        total = self.trainer.fit_loop.epoch_loop.total_batch_idx + 1  # across epochs
-        if total % max(1, self.trainer.log_every_n_steps) == 0:
+        if batches_seen(self.trainer) % max(1, self.trainer.log_every_n_steps) == 0:
             self.stop_if_not_finite()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from heatssl.errors import HeatSSLError
+from heatssl.train.callbacks import batches_seen
 
 PREEMPTION_SIGNAL = getattr(signal, "SIGUSR1", None)  # not on Windows
 
@@ -99,9 +100,7 @@ class PreemptionCheckpoint(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        # batches across epochs, so that short epochs are checked too
-        total = trainer.fit_loop.epoch_loop.total_batch_idx + 1
-        if total % self.check_every or not self._agreed(pl_module.device):
+        if batches_seen(trainer) % self.check_every or not self._agreed(pl_module.device):
             return
         trainer.save_checkpoint(self.checkpoint)  # every rank, this step; rank 0 writes
         job = slurm_job_id()

@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasti
 from heatssl.config import Config
 from heatssl.errors import ConfigError
 from heatssl.train.build import scale_line
-from heatssl.train.callbacks import BadImageReport, ReconstructionPictures
+from heatssl.train.callbacks import BadImageReport, ReconstructionPictures, batches_seen
 from heatssl.train.checkpoint import AtomicCheckpointIO
 from heatssl.train.preemption import PreemptionCheckpoint
 
@@ -115,8 +115,7 @@ class SparseTimeCheckpoint(ModelCheckpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        # batches across epochs: an epoch shorter than check_every still gets its checks
-        if (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.check_every == 0:
+        if batches_seen(trainer) % self.check_every == 0:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 

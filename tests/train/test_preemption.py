@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from heatssl.train.checkpoint import safe_torch_load
+from tests.helpers import same_on_every_rank
 
 ENTRY = Path(__file__).with_name("kill_entry.py")
 STEPS = 9  # 48 images, 8 per process and step, 2 processes: 3 steps per epoch, 3 epochs
@@ -24,32 +25,15 @@ def _free_port() -> int:
 
 
 def _overrides(run_dir: Path) -> list[str]:
-    # no randomness that differs between runs: no augmentation, fixed quadrant, exact commutator,
-    # a GroupNorm decoder on a ViT (no per-process BatchNorm statistics)
     return [
-        f"run_dir={run_dir}",
-        "model.backbone=test_vit",
-        "model.kwargs.patch_size=4",
-        "model.output_stride=null",
-        "data.name=synthetic",
+        *same_on_every_rank(run_dir),
         "data.synthetic_size=48",
-        "data.val_fraction=0",
-        "data.image_size=32",
         "data.batch_size=8",
         "data.num_workers=1",
-        "data.augment=none",
-        "heat.quadrant=top_left",
-        "heat.commute_probes=0",
-        "decoder.width=16",
-        "decoder.norm=group",
-        "optim.warmup_epochs=0",
         "trainer.max_epochs=3",
-        "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.strategy=ddp",
         "trainer.log_every_n_steps=1",
-        "trainer.progress_bar=false",
-        "trainer.logger=none",
     ]
 
 
