@@ -132,7 +132,11 @@ class DataConfig:
     root: str | None = None
     image_size: int = 32
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"  # loader processes (pil) or threads (dali)
+    backend: Literal["pil", "dali"] = "pil"  # who decodes: PIL in worker processes, or NVIDIA DALI
+    dali_device: Literal["auto", "cpu", "gpu"] = (
+        "auto"  # dali: decode on the GPU when training on one
+    )
     download: bool = False
     augment: Literal["ssl", "none"] = "ssl"
     crop_scale_min: float = 0.35
@@ -143,7 +147,13 @@ class DataConfig:
     def validate(self) -> None:
         """Sizes, shares and the folder an ImageFolder needs."""
         _positive("data", self, "image_size", "batch_size")
-        _not_negative("data", self, "num_workers")
+        if self.num_workers != "auto":
+            _not_negative("data", self, "num_workers")
+        if self.backend == "dali" and self.name != "imagefolder":
+            raise ConfigError(
+                f"data.backend=dali decodes image files (data.name=imagefolder); "
+                f"data.name={self.name} is not a folder of image files. Set data.backend=pil."
+            )
         _must(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
         _must(
             0.0 < self.crop_scale_min <= 1.0,

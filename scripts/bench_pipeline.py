@@ -42,6 +42,7 @@ from benchlib import machine
 
 from heatssl.config import load_config
 from heatssl.data.module import build_datamodule
+from heatssl.data.transforms import to_model_input
 from heatssl.train import run
 from heatssl.train.module import HeatPretrainModule
 
@@ -72,7 +73,7 @@ def train_step_throughput(args: argparse.Namespace) -> dict[str, float]:
     cfg = _config(args)
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")
-    images = next(iter(datamodule.train_dataloader()))[0]
+    images = to_model_input(next(iter(datamodule.train_dataloader()))[0])
     module = HeatPretrainModule(cfg).train()
     opt = torch.optim.AdamW(module.qbheat.parameters(), lr=1e-4, fused=True)
     times = []

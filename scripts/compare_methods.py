@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from heatssl.config import Config
-from heatssl.data.transforms import build_transform
+from heatssl.data.transforms import build_transform, to_model_input
 from heatssl.model.backbone import Backbone
 from heatssl.model.optim import scaled_lr, weight_decay_groups
 from heatssl.train.build import build_backbone, build_qbheat
@@ -56,7 +56,7 @@ class HeatSSL(Method):
         return build_transform(size, True, self.cfg.data.augment, self.cfg.data.crop_scale_min)
 
     def loss(self, views: Any, progress: float) -> torch.Tensor:
-        return self.qbheat(views).loss
+        return self.qbheat(to_model_input(views)).loss  # the loader's uint8 images, normalised
 
     def optimizer(self) -> torch.optim.Optimizer:
         """AdamW with ``heatssl pretrain``'s groups (no decay on biases, norms, A, B)."""

@@ -75,13 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="pretraining steps per recipe")
     p.add_argument("--warmup", type=int, default=30, help="steps left out of images/s")
     p.add_argument("--batch", type=int, default=128, help="per-device batch")
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", default="auto", help="loader workers (dali: threads) or auto")
+    p.add_argument(
+        "--backend", choices=["pil", "dali"], default="pil", help="dali: decode on the GPU"
+    )
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     p.add_argument("--runs", default="bench_results/runs_gpu_smoke")
     p.add_argument("--out", default="bench_results/gpu_smoke.json")
     args = p.parse_args(argv)
     if args.steps <= args.warmup or args.warmup < 0:
         p.error("--steps must be larger than --warmup (>= 0)")
+    if args.backend == "dali" and args.data == "synthetic":
+        p.error("--backend dali decodes image files: give --data an ImageFolder, not synthetic")
     return args
 
 
@@ -103,6 +108,7 @@ def recipe_config(args: argparse.Namespace, recipe: str) -> Config:
         *data,
         f"data.batch_size={args.batch}",
         f"data.num_workers={args.workers}",
+        f"data.backend={args.backend}",
         f"trainer.accelerator={args.device}",
         "trainer.devices=1",
         "trainer.strategy=auto",

@@ -4,7 +4,8 @@
 #   NODES     nodes (default: SLURM_NNODES, else 1)
 #   BATCH     per-device batch size (default: the config's data.batch_size)
 #   ACCUM     gradient accumulation steps (default 1)
-#   WORKERS   data-loader workers per process (default: CPU cores / GPUs, at most 8)
+#   WORKERS   data-loader workers (DALI: threads) per process (default: auto = the CPU cores of each
+#             process: its own under srun --cpus-per-task, else the node's cores / GPUs)
 #   PRECISION Lightning precision (default bf16-mixed on GPU, 32-true on CPU)
 #   COMPILE   1: torch.compile the backbone and decoder (default 0)
 #   HEATSSL   the heatssl command (default: heatssl on PATH)
@@ -36,7 +37,6 @@ GPUS=$(detect_gpus)
 NODES=${NODES:-${SLURM_NNODES:-1}}
 ACCUM=${ACCUM:-1}
 COMPILE=${COMPILE:-0}
-CORES=$(nproc 2>/dev/null || echo 2)
 # Whole numbers only (checked before any arithmetic uses them).
 whole() {
     local name=$1 value=$2 min=$3
@@ -48,10 +48,10 @@ whole() {
 whole GPUS "$GPUS" 0
 whole NODES "$NODES" 1
 whole ACCUM "$ACCUM" 1
-if [[ -n "${WORKERS:-}" ]]; then whole WORKERS "$WORKERS" 0; fi
+WORKERS=${WORKERS:-auto}
+if [[ "$WORKERS" != auto ]]; then whole WORKERS "$WORKERS" 0; fi
 if [[ -n "${BATCH:-}" ]]; then whole "BATCH (per-device batch)" "$BATCH" 1; fi
 if [[ "$GPUS" -gt 0 ]]; then
-    WORKERS=${WORKERS:-$(( CORES / GPUS > 8 ? 8 : (CORES / GPUS > 1 ? CORES / GPUS : 1) ))}
     PRECISION=${PRECISION:-bf16-mixed}
     DEVICE_ARGS=(trainer.accelerator=gpu "trainer.devices=$GPUS" "trainer.num_nodes=$NODES"
                  "trainer.precision=$PRECISION" trainer.channels_last=true)
@@ -61,7 +61,6 @@ if [[ "$GPUS" -gt 0 ]]; then
         DEVICE_ARGS+=(trainer.strategy=auto)
     fi
 else
-    WORKERS=${WORKERS:-$(( CORES > 8 ? 8 : CORES ))}
     PRECISION=${PRECISION:-32-true}
     DEVICE_ARGS=(trainer.accelerator=cpu trainer.devices=1 "trainer.num_nodes=$NODES"
                  "trainer.precision=$PRECISION" trainer.strategy=auto)

@@ -1,7 +1,8 @@
 """Datasets: every one yields ``(image, label)`` or, for image folders, ``(image, label, skipped)``.
 
-``image`` is what the transform makes of a PIL image (a normalised float32 ``[3, S, S]`` tensor),
-``label`` an int; batches are ``(float32 [N, 3, S, S], int64 [N], skipped)`` where ``skipped`` lists
+``image`` is what the transform makes of a PIL image (a uint8 ``[3, S, S]`` tensor; normalisation
+happens on the device), ``label`` an int; batches are ``(uint8 [N, 3, S, S], int64 [N], skipped)``
+where ``skipped`` lists
 unreadable files as ``path: reason`` (usually empty). Labels are never used for pretraining; they
 feed the probes. ``digits`` (scikit-learn, bundled) and ``synthetic`` need no files or network.
 """
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.datasets import CIFAR10, STL10, ImageFolder
 
 from heatssl.config import DataConfig
@@ -99,7 +100,7 @@ class ImageFiles(Dataset):
         for step in range(min(MAX_CONSECUTIVE_BAD, len(self.samples))):
             j = (index + step) % len(self.samples)
             try:
-                image = self.read(j)
+                image = read_image(self.samples[j][0], getattr(self.transform, "draft", None))
             except UnreadableImageError as err:
                 if self.on_bad == "error":
                     raise BadImageError(_bad_image_fix(str(err))) from err
@@ -129,8 +130,24 @@ def collate_batch(items: list[tuple[Any, ...]]) -> Batch:
         if item[0] is not None:
             images.append(item[0])
             labels.append(int(item[1]))
-    stacked = torch.stack(images) if images else torch.empty(0)
-    return stacked, torch.tensor(labels, dtype=torch.long), skipped
+    return _stack(images), torch.tensor(labels, dtype=torch.long), skipped
+
+
+def _stack(images: list[Tensor]) -> Tensor:
+    """One tensor of the images; in a loader worker it is written straight into shared memory.
+
+    The batch then crosses to the training process without another copy (torch's default collate
+    does the same). No images give an empty uint8 tensor.
+    """
+    if not images:
+        return torch.empty(0, dtype=torch.uint8)
+    out = None
+    if get_worker_info() is not None:
+        first = images[0]
+        numel = sum(x.numel() for x in images)
+        storage = first.untyped_storage()._new_shared(numel * first.element_size())
+        out = first.new(storage).resize_(len(images), *first.shape)
+    return torch.stack(images, out=out)
 
 
 def check_readable(dataset: ImageFiles, split: str) -> None:

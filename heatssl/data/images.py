@@ -8,6 +8,7 @@ The lowest layer of image handling: datasets (:mod:`heatssl.data.datasets`) and 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def read_image(path: str | Path) -> Image.Image:
+EXIF_ORIENTATION = 0x0112
+
+
+def read_image(path: str | Path, draft: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """The image at ``path``, fully decoded, upright (EXIF orientation) and RGB.
 
     Decoding happens here, not lazily later, so a truncated file fails in this call. Raises
     :class:`UnreadableImageError` naming the file and the reason for anything PIL cannot decode.
+    ``draft`` sees the opened, not yet decoded image (its size is known) and may ask for a reduced
+    decode (``Image.draft``); it is skipped for files whose EXIF orientation rotates them.
     """
     try:
         with Image.open(path) as image:
+            if draft is not None and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+                draft(image)
             image.load()
             upright = ImageOps.exif_transpose(image)
             return to_rgb(upright)

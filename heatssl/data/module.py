@@ -8,6 +8,8 @@ resumed run skips exactly those batches.
 from __future__ import annotations
 
 import copy
+import os
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,7 +19,7 @@ from heatssl.config import DataConfig
 from heatssl.data.datasets import SPLITS, ImageFiles, collate_batch, torchvision_split
 from heatssl.data.sampler import EpochSampler, seed_worker
 from heatssl.data.transforms import build_transform
-from heatssl.errors import ArgumentError
+from heatssl.errors import ArgumentError, ConfigError
 
 
 class HeatDataModule(L.LightningDataModule):
@@ -45,6 +47,10 @@ class HeatDataModule(L.LightningDataModule):
         if self._train is not None:
             return
         cfg = self.cfg
+        if cfg.backend == "dali":
+            from heatssl.data.dali import require_dali
+
+            require_dali()
         train_tf = build_transform(cfg.image_size, True, cfg.augment, cfg.crop_scale_min)
         val_tf = build_transform(cfg.image_size, False)
         self._train, self._val, self._class_names = SPLITS[cfg.name](
@@ -91,8 +97,18 @@ class HeatDataModule(L.LightningDataModule):
         self._resume = dict(state_dict) if state_dict else None
 
     # ----- loaders --------------------------------------------------------------------------
+    @property
+    def num_workers(self) -> int:
+        """Loader processes (pil) or decoding threads (dali): ``data.num_workers`` or, with
+        ``auto``, the CPU cores of this process (see :func:`cores_per_process`)."""
+        if self.cfg.num_workers != "auto":
+            return int(self.cfg.num_workers)
+        trainer = self.trainer
+        local = trainer.world_size // max(1, trainer.num_nodes) if trainer else 1
+        return cores_per_process(local)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        workers = self.cfg.num_workers
+        workers = self.num_workers
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         sampler = EpochSampler(len(dataset), self.seed, shuffle=train, rank=rank, world=world)
@@ -100,6 +116,9 @@ class HeatDataModule(L.LightningDataModule):
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip_next(self._resume["batches_done"] * self.cfg.batch_size)
             self._resume = None
+        if self.cfg.backend == "dali":
+            drop_last = train and len(sampler) >= self.cfg.batch_size
+            return self._dali(dataset, train, sampler, drop_last, seed=self.seed + 100_003 * rank)
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
@@ -139,7 +158,10 @@ class HeatDataModule(L.LightningDataModule):
             dataset.transform = build_transform(self.cfg.image_size, train=False)
             if isinstance(dataset, ImageFiles):
                 dataset.fill = False  # an unreadable file is left out, not replaced by a neighbour
-        workers = self.cfg.num_workers
+        if self.cfg.backend == "dali":
+            sampler = EpochSampler(len(dataset), shuffle=False)
+            return self._dali(dataset, False, sampler, False, self.seed, batch_size)
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size or self.cfg.batch_size,
@@ -149,6 +171,67 @@ class HeatDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             collate_fn=collate_batch,
         )
+
+    def _dali(
+        self,
+        dataset: Dataset,
+        train: bool,
+        sampler: EpochSampler,
+        drop_last: bool,
+        seed: int,
+        batch_size: int | None = None,
+    ) -> Any:
+        """The DALI loader over ``dataset``'s files in ``sampler``'s order (same batches' meaning)."""
+        from heatssl.data.dali import DaliLoader
+
+        cfg = self.cfg
+        return DaliLoader(
+            dataset.samples,
+            image_size=cfg.image_size,
+            train=train and cfg.augment == "ssl",
+            batch_size=batch_size or cfg.batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_threads=max(1, self.num_workers),
+            device_id=self._dali_device_id(),
+            seed=seed,
+            crop_scale_min=cfg.crop_scale_min,
+            on_bad=cfg.on_bad_image,
+            fill=getattr(dataset, "fill", train),
+        )
+
+    def _dali_device_id(self) -> int | None:
+        """The GPU DALI decodes on (this process's training GPU), or None for CPU operators."""
+        want = self.cfg.dali_device
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer else None
+        if want == "cpu":
+            return None
+        if device is not None and device.type == "cuda":
+            return device.index or 0
+        if device is None and torch.cuda.is_available():
+            return torch.cuda.current_device()
+        if want == "gpu":
+            raise ConfigError(
+                f"data.dali_device=gpu but this process has no GPU "
+                f"(training on {device or 'the CPU'}). Set data.dali_device=auto or cpu."
+            )
+        return None
+
+
+def cores_per_process(local_processes: int = 1) -> int:
+    """CPU cores this process may use: its affinity mask shared by the node's processes.
+
+    Under ``srun --cpus-per-task`` each task is already bound to its own cores, so they are not
+    divided again; otherwise (Lightning or torchrun starting several processes on one machine)
+    the node's cores are split between its ``local_processes``.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and cores <= int(per_task):
+        return cores
+    return max(1, cores // max(1, local_processes))
 
 
 def build_datamodule(cfg: DataConfig, seed: int = 0) -> HeatDataModule:

@@ -17,7 +17,7 @@ from torch import Tensor
 from heatssl.config import Config
 from heatssl.data.images import IMAGE_SUFFIXES, read_image, to_rgb, warn_unreadable
 from heatssl.data.module import build_datamodule
-from heatssl.data.transforms import denormalize, normalize
+from heatssl.data.transforms import normalize, to_model_input
 from heatssl.errors import BadImageError, UnreadableImageError
 
 
@@ -81,9 +81,10 @@ def dataset_images(cfg: Config, split: str, num: int) -> tuple[LoadedImages, lis
         labels.append(y)
         if sum(len(t) for t in inputs) >= num:
             break
-    x = torch.cat(inputs)[:num]
-    y = torch.cat(labels)[:num].tolist()
-    originals = [img.permute(1, 2, 0).numpy() for img in denormalize(x)]
+    x = torch.cat([t.cpu() for t in inputs])[:num]  # uint8 (a DALI loader may give them on a GPU)
+    y = torch.cat([t.cpu() for t in labels])[:num].tolist()
+    originals = [img.permute(1, 2, 0).float().div(255.0).numpy() for img in x]
+    x = to_model_input(x)
     names = [f"{split}_{i:04d}" for i in range(len(x))]
     classes = data.class_names
     return LoadedImages(x, originals, names), [classes[i] for i in y], classes

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from heatssl.data.images import warn_unreadable
+from heatssl.data.transforms import to_model_input
 from heatssl.errors import ConfigError
 from heatssl.probing.grid_store import GridStore
 
@@ -84,7 +85,8 @@ def extract(
     store = GridStore(grids_to) if grids_to is not None else None
     # Written in place into buffers sized for the whole split: appending many small tensors between
     # the large per-batch temporaries fragments the heap and grows the process by gigabytes.
-    capacity = len(loader.dataset) if hasattr(loader.dataset, "__len__") else 1024
+    dataset = getattr(loader, "dataset", None)
+    capacity = len(dataset) if hasattr(dataset, "__len__") else 1024  # (a DALI loader grows)
     pooled: Tensor | None = None
     labels = torch.empty(capacity, dtype=torch.long)
     rows, skipped, grid_shape = 0, [], None
@@ -98,7 +100,7 @@ def extract(
             if images.shape[0] == 0:
                 continue
             with autocast:
-                grid = backbone(images.to(device, non_blocking=True)).half()
+                grid = backbone(to_model_input(images.to(device, non_blocking=True))).half()
             grid_shape, n = tuple(grid.shape[1:]), grid.shape[0]
             if pooled is None:
                 pooled = torch.empty(capacity, grid_shape[0], dtype=torch.float16)

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from heatssl.config import Config, config_keys, load_config
 from heatssl.data.datasets import Batch
-from heatssl.data.transforms import denormalize
+from heatssl.data.transforms import denormalize, to_model_input
 from heatssl.errors import CheckpointError, NonFiniteLossError
 from heatssl.model.heads import LinearHead
 from heatssl.model.optim import warmup_cosine, weight_decay_groups
@@ -101,10 +101,16 @@ class HeatPretrainModule(L.LightningModule):
         """The peak lr: base_lr x effective batch / 256 for this Trainer's processes."""
         return peak_lr(self.cfg, self.trainer.world_size if self._trainer is not None else 1)
 
+    def model_input(self, images: Tensor) -> Tensor:
+        """A batch's images, already on the device, as the model's normalised float input.
+
+        Loaders send uint8 (a quarter of float32's bytes); the conversion and the ImageNet
+        normalisation run here, on the device (:func:`to_model_input`).
+        """
+        return to_model_input(images, self.cfg.trainer.channels_last)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        images = batch[0]
-        if self.cfg.trainer.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self.model_input(batch[0])
         out = self.qbheat(images)
         parts = {"train/loss": out.loss, "train/rec": out.rec}
         if out.heat is not None:
@@ -207,6 +213,7 @@ class HeatPretrainModule(L.LightningModule):
         images, labels = batch[0], batch[1]
         if images.shape[0] == 0:  # every file of this batch was unreadable (and reported)
             return
+        images = self.model_input(images)
         q = torch.arange(images.shape[0], device=images.device) % 4
         pooled = self.backbone(crop_quadrant(images, q)).float().mean(dim=(-2, -1))
         self.online_val_acc(self.online(pooled), labels)
@@ -239,9 +246,11 @@ class HeatPretrainModule(L.LightningModule):
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Images in [0, 1], the masked-region mask and the reconstruction in [0, 1] (eval mode).
 
-        Quadrants cycle through all four over the batch. With norm_pix the decoder predicts
+        ``images`` as a loader gives them (uint8) or normalised. Quadrants cycle through all four
+        over the batch. With norm_pix the decoder predicts
         standardised patches; they are shown with the true patches' mean and std, as MAE does.
         """
+        images = self.model_input(images)
         was_training = self.qbheat.training
         self.qbheat.eval()
         q = torch.arange(images.shape[0], device=images.device) % 4

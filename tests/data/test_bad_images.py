@@ -8,6 +8,7 @@ from heatssl.cli import main
 from heatssl.config import ConfigError, DataConfig, load_config
 from heatssl.data.module import build_datamodule
 from heatssl.errors import BadImageError
+from heatssl.probing.run import probe
 from heatssl.train import run
 from tests.helpers import ODD_READABLE, UNREADABLE, tiny_settings, write_odd_and_bad_images
 
@@ -79,7 +80,11 @@ def test_all_bad_or_empty_dataset_stops_before_training(tmp_path):
         _data(tmp_path / "empty").setup()
 
 
-def test_pretraining_reports_the_bad_files_each_epoch(tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_pretraining_reports_the_bad_files_each_epoch(tmp_path, capsys, backend):
+    """Both backends, through Lightning: same steps, same files named, every epoch."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
     root = _folder(tmp_path / "data")
     settings = tiny_settings(tmp_path / "run")
     cfg = load_config(
@@ -88,6 +93,8 @@ def test_pretraining_reports_the_bad_files_each_epoch(tmp_path, capsys):
             *settings,
             "data.name=imagefolder",
             f"data.root={root}",
+            f"data.backend={backend}",
+            "data.num_workers=1",
             "data.batch_size=4",
             "trainer.max_epochs=2",
             "probe.online=true",  # validation runs, so the val split's broken file is met too
@@ -103,6 +110,9 @@ def test_pretraining_reports_the_bad_files_each_epoch(tmp_path, capsys):
     assert by_epoch == {f"epoch {e}": {*UNREADABLE, "broken.jpg"} for e in (0, 1)}
     err = capsys.readouterr().err
     assert err.count("skipped 4 unreadable image file(s)") == 2
+    if backend == "dali":  # the probe's feature extraction reads through DALI too
+        probed = probe(str(result.run_dir / "checkpoints" / "last.ckpt"), cfg, tmp_path / "probe")
+        assert probed.metrics["train_images"] == 21 and probed.metrics["val_images"] == 6
 
 
 def test_cli_exits_2_with_the_file_named(tmp_path, capsys):

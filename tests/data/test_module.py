@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from heatssl.config import DataConfig
-from heatssl.data.module import HeatDataModule, build_datamodule
+from heatssl.data.module import HeatDataModule, build_datamodule, cores_per_process
 from heatssl.errors import ConfigError
 from tests.data.checks import check_batch
 
@@ -33,8 +33,8 @@ def test_digits_batches_and_split(digits: HeatDataModule) -> None:
     check_batch(next(iter(digits.train_dataloader())), 16, 32)
     check_batch(next(iter(digits.val_dataloader())), 16, 32)
     loader = digits.train_dataloader()
-    assert loader.drop_last and loader.num_workers == 0 and not loader.persistent_workers
-    assert not digits.val_dataloader().drop_last
+    assert loader.drop_last and not digits.val_dataloader().drop_last
+    assert loader.num_workers == cores_per_process() and loader.persistent_workers  # "auto"
 
 
 def test_digits_split_disjoint_and_seeded(digits: HeatDataModule) -> None:
@@ -88,9 +88,9 @@ def test_synthetic_batches_and_learnable() -> None:
     # classes differ in content: nearest class mean on eval views beats chance by far
     train_eval = HeatDataModule(dataclasses.replace(cfg, augment="none"), seed=0)
     xs, ys = _collect(train_eval.train_dataloader())
-    means = torch.stack([xs[ys == k].flatten(1).mean(0) for k in range(10)])
+    means = torch.stack([xs[ys == k].flatten(1).float().mean(0) for k in range(10)])
     xv, yv = _collect(dm.val_dataloader())
-    pred = torch.cdist(xv.flatten(1), means).argmin(1)
+    pred = torch.cdist(xv.flatten(1).float(), means).argmin(1)
     assert (pred == yv).float().mean() > 0.6
 
 
@@ -123,3 +123,34 @@ def test_setup_twice_does_not_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_data_module_refuses_a_bad_section_built_in_python(changes: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         HeatDataModule(DataConfig(**changes))
+
+
+def test_auto_workers_are_the_cores_of_each_process(monkeypatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert cores_per_process(1) == 16  # not capped at 8
+    assert cores_per_process(4) == 4  # four processes on one node share its cores
+    assert cores_per_process(32) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")  # srun bound this task to its 16 cores
+    assert cores_per_process(4) == 16
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")  # the mask is the node's: split it
+    assert cores_per_process(4) == 4
+    dm = HeatDataModule(DataConfig(name="digits", num_workers=3))
+    assert dm.num_workers == 3
+
+
+def test_a_worker_s_batch_is_written_into_shared_memory_once(monkeypatch) -> None:
+    from heatssl.data import datasets
+
+    items = [(torch.full((3, 4, 4), i, dtype=torch.uint8), i) for i in range(3)]
+    plain = datasets.collate_batch(items)[0]
+    assert not plain.is_shared()
+    monkeypatch.setattr(datasets, "get_worker_info", lambda: object())  # as in a loader worker
+    images, labels, _ = datasets.collate_batch(items)
+    assert images.is_shared() and images.dtype == torch.uint8
+    assert torch.equal(images, plain) and labels.tolist() == [0, 1, 2]
+
+
+def test_dali_backend_needs_a_folder_of_image_files() -> None:
+    with pytest.raises(ConfigError, match="data.backend=pil"):
+        DataConfig(name="digits", backend="dali").validate()

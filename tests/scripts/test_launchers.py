@@ -61,6 +61,7 @@ def test_pretrain_dry_run_multi_node_uses_torchrun():
     assert "torchrun --nnodes=2 --nproc_per_node=8" in out.stdout
     assert "--master_addr=node0" in out.stdout
     assert "x 8 devices x 2 nodes" in out.stdout
+    assert "data.num_workers=auto" in out.stdout  # each process uses its share of the cores
 
 
 def test_pretrain_dry_run_without_gpu_runs_on_cpu():

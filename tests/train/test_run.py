@@ -149,8 +149,11 @@ class _PoisonBatch(L.Callback):
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            batch[0].fill_(float("nan"))
+        if trainer.global_step == self.step:  # the uint8 batch cannot hold NaN: its float input
+            pl_module.model_input = lambda images: torch.full(images.shape, float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.__dict__.pop("model_input", None)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_overrides):
