@@ -152,5 +152,5 @@ def test_a_worker_s_batch_is_written_into_shared_memory_once(monkeypatch) -> Non
 
 
 def test_dali_backend_needs_a_folder_of_image_files() -> None:
-    with pytest.raises(ConfigError, match="data.backend=pil"):
+    with pytest.raises(ConfigError, match=r"data\.backend=pil"):
         DataConfig(name="digits", backend="dali").validate()
