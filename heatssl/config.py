@@ -141,6 +141,7 @@ class DataConfig:
     augment: Literal["ssl", "none"] = "ssl"
     crop_scale_min: float = 0.35
     val_fraction: float = 0.2  # digits / synthetic / folders without val/: share held out
+    split_seed: int = 0  # draws that held-out share: tied to the data, not to the run's seed
     synthetic_size: int = 256  # synthetic only: number of images
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable files: skip + report, or stop
 

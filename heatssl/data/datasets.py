@@ -24,7 +24,7 @@ from heatssl.config import DataConfig
 from heatssl.data.images import read_image, to_rgb
 from heatssl.errors import BadImageError, ConfigError, UnreadableImageError
 
-SYNTHETIC_DATA_SEED = 1234  # fixed: the synthetic images never change, only the split follows seed
+SYNTHETIC_DATA_SEED = 1234  # fixed: the synthetic images never change (the split: data.split_seed)
 MAX_CONSECUTIVE_BAD = 64  # a training sample walks this far for a readable file, then gives up
 PRECHECK_IMAGES = 32  # files read at setup: none readable -> stop before any training
 IMAGEFOLDER_LAYOUT = "<root>/train/<class>/*.jpg and optionally <root>/val/<class>/*.jpg"
@@ -246,7 +246,7 @@ def array_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any) -> Spli
         images, labels = load_digits()
     else:
         images, labels = make_synthetic(cfg.synthetic_size)
-    tr, va = stratified_split(labels, cfg.val_fraction, seed)
+    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
     size = max(cfg.image_size, 32)
     train = ArrayImageDataset(images[tr], labels[tr], size, train_tf)
     val = ArrayImageDataset(images[va], labels[va], size, val_tf)
@@ -274,7 +274,7 @@ def imagefolder_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any) -
         ) from err
     val_root = root / "val"
     if not val_root.is_dir():
-        tr, va = stratified_split(np.array(full.targets), cfg.val_fraction, seed)
+        tr, va = stratified_split(np.array(full.targets), cfg.val_fraction, cfg.split_seed)
         train_samples = [full.samples[i] for i in tr]
         val_samples = [full.samples[i] for i in va]
     else:

@@ -3,8 +3,11 @@
 ``cam`` is exact and needs no gradients: with the probe's BatchNorm folded into its Linear (W', b'),
 the class map is ``M_c(x, y) = sum_k W'_ck z_k(x, y)`` on the backbone's grid, and its spatial mean is the
 class logit minus b'_c (the probe pools by averaging). ``gradcam``, ``gradcam++``, ``eigencam`` and
-``scorecam`` come from the grad-cam package, hooked on the very grid the probe reads, so CNNs and ViTs
-(whose token grid timm already returns as NCHW) are handled alike, with no hard-coded grid size.
+``scorecam`` come from the grad-cam package. On the probed grid itself Grad-CAM would add nothing (a
+linear head on average pooling makes it ReLU(cam) exactly), so they hook the output of the block
+before the probed stage's last one (:func:`gradient_layer`: ``layer4.0`` of a resnet18,
+``blocks.10`` of a 12-block ViT, whose tokens are reshaped to their grid), the usual Grad-CAM layer
+one block deep, where the gradients vary over the positions.
 
 Example:
     >>> result = heatmaps(backbone, head, images, method="gradcam")
@@ -89,6 +92,44 @@ def resolve_targets(
     return torch.full((n,), int(target), dtype=torch.long, device=logits.device)
 
 
+def gradient_layer(backbone: nn.Module) -> tuple[str, nn.Module] | None:
+    """The layer gradient CAMs hook: the block before the probed stage's last block.
+
+    Found through timm's ``feature_info`` (the stage's module): the second-to-last block of a stage
+    made of blocks, else the block before it in its parent, else the previous stage. ``None`` when
+    there is none (a backbone that is not heatssl's timm adapter, or a first stage of one block):
+    then the probed grid is hooked, where Grad-CAM equals ReLU(cam).
+    """
+    model, stage = getattr(backbone, "model", None), getattr(backbone, "stage", None)
+    info = getattr(model, "feature_info", None)
+    if model is None or stage is None or not info:
+        return None
+    name = info[stage]["module"]
+    module = model.get_submodule(name)
+    if isinstance(module, nn.Sequential | nn.ModuleList) and len(module) >= 2:
+        return f"{name}.{len(module) - 2}", module[len(module) - 2]
+    parent_name, _, last = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if last.isdigit() and int(last) > 0 and isinstance(parent, nn.Sequential | nn.ModuleList):
+        return f"{parent_name}.{int(last) - 1}", parent[int(last) - 1]
+    if stage > 0:
+        previous = info[stage - 1]["module"]
+        return previous, model.get_submodule(previous)
+    return None
+
+
+def _to_grid(grid_shape: tuple[int, int]):
+    """grad-cam's reshape: a ViT block's tokens (N, L, C) -> (N, C, h, w) (prefix tokens dropped)."""
+    h, w = grid_shape
+
+    def reshape(t: Tensor) -> Tensor:
+        if t.ndim == 3:
+            return t[:, -h * w :].reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
+        return t
+
+    return reshape
+
+
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and no parameter gradients for the duration; the previous state is restored."""
@@ -119,6 +160,7 @@ class HeatmapResult:
     logits: np.ndarray  # (N, C)
     targets: np.ndarray  # (N,) the class each map explains
     method: str
+    layer: str = "grid"  # what the map is computed on: the probed grid or a backbone layer
 
 
 def heatmaps(
@@ -147,7 +189,7 @@ def heatmaps(
             grid = model.grid(images)
             logits = model.head(grid.float().mean(dim=(-2, -1)))
         targets = resolve_targets(logits, target, class_names)
-        raw = None
+        raw, layer_name = None, "grid"
         if method == "cam":
             maps = class_maps(grid, head)[torch.arange(len(targets), device=device), targets]
             raw = maps.float().cpu().numpy()
@@ -155,7 +197,12 @@ def heatmaps(
             out = _normalize(up[:, 0]).cpu().numpy()
         else:
             x = images.detach().clone().requires_grad_(True)  # gradients stop at the input
-            with GRADIENT_METHODS[method](model=model, target_layers=[model.grid_layer]) as cam:
+            found = gradient_layer(backbone)
+            layer_name, layer = found if found else ("grid", model.grid_layer)
+            reshape = _to_grid(tuple(grid.shape[-2:]))
+            with GRADIENT_METHODS[method](
+                model=model, target_layers=[layer], reshape_transform=reshape
+            ) as cam:
                 out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     return HeatmapResult(
         maps=np.nan_to_num(np.asarray(out, dtype=np.float32)),
@@ -163,4 +210,5 @@ def heatmaps(
         logits=logits.cpu().numpy(),
         targets=targets.cpu().numpy(),
         method=method,
+        layer=layer_name,
     )

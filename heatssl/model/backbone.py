@@ -145,6 +145,14 @@ class Backbone(nn.Module):
                 f"checkpointing ({err or type(err).__name__}). Use grad_checkpointing=false."
             ) from err
 
+    def no_weight_decay(self) -> set[str]:
+        """What the timm model says AdamW must not decay (a ViT's ``pos_embed``, ``cls_token``).
+
+        timm and MAE leave these out of weight decay; the names are this module's.
+        """
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        return {f"model.{n}" for n in names}
+
     def pooled(self, x: Tensor) -> Tensor:
         """Global-average-pooled embedding (N, d) of the chosen stage."""
         return self(x).mean(dim=(-2, -1))

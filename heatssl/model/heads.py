@@ -61,6 +61,10 @@ class Tran1Head(nn.Module):
         self.norm = nn.LayerNorm(in_dim)
         self.head = LinearHead(in_dim, num_classes)
 
+    def no_weight_decay(self) -> set[str]:
+        """The token positions (like a ViT's ``pos_embed``); norms and biases are 1-D, left out too."""
+        return {"pos"}
+
     def forward(self, grid: Tensor) -> Tensor:
         """Logits (N, C) from feature grids (N, d, h, w).
 

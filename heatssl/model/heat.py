@@ -26,13 +26,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import build_sincos2d_pos_embed
 from torch import Tensor, nn
 
 from heatssl.errors import check_choice
 from heatssl.model.quadrants import flip_where, place_block, quadrant_ids
 
 StepRule = Literal["euler", "normalized"]
-"""``euler``: ``z + A z``; ``normalized``: ``z + A norm(z)`` (FINOLA-style)."""
+"""``euler``: ``z + A z``; ``normalized``: ``z + s A norm(z)`` (FINOLA-style, ``s`` the image's
+feature scale, so that rescaling the features rescales the steps, as with ``euler``)."""
 InitRule = Literal["zeros", "random"]
 """Initial A and B: ``zeros`` (pure copy outwards) or ``random`` (small Gaussian)."""
 PredictorKind = Literal["heat", "copy", "mask_token"]
@@ -47,6 +49,17 @@ def channel_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
     ``(z - mean) / sqrt(var + eps)`` in one kernel instead of five.
     """
     return F.layer_norm(z.movedim(1, -1), (z.shape[1],), eps=eps).movedim(-1, 1)
+
+
+def feature_scale(z: Tensor, eps: float = 1e-8) -> Tensor:
+    """Each image's feature scale: the RMS of its map centred over positions, shape (N, 1, ..., 1).
+
+    Centred, so a constant added to a channel (a norm layer's bias) does not count as scale.
+    ``z`` is (N, d, ...) with positions after the channels.
+    """
+    dims = tuple(range(2, z.ndim))
+    centred = z - z.mean(dim=dims, keepdim=True) if dims else z
+    return centred.pow(2).mean(dim=tuple(range(1, z.ndim)), keepdim=True).add(eps).sqrt()
 
 
 def commutator_penalty(a: Tensor, b: Tensor, probes: int = 0) -> Tensor:
@@ -68,8 +81,8 @@ class HeatOperators(nn.Module):
 
     Args:
         dim: Feature dimension d.
-        step: ``euler``: ``z + A z``; ``normalized``: ``z + A norm(z)`` (FINOLA-style, norm =
-            per-vector standardisation over channels).
+        step: ``euler``: ``z + A z``; ``normalized``: ``z + s A norm(z)`` (FINOLA-style, norm =
+            per-vector standardisation over channels, ``s`` = the image's :func:`feature_scale`).
         init: ``zeros`` (pure copy outwards at the start) or ``random`` (small Gaussian).
         trainable: False freezes A and B (with ``init="zeros"`` this is plain copying outward).
     """
@@ -85,10 +98,17 @@ class HeatOperators(nn.Module):
         self.A = nn.Parameter(torch.randn(dim, dim) * std, requires_grad=trainable)
         self.B = nn.Parameter(torch.randn(dim, dim) * std, requires_grad=trainable)
 
-    def velocity(self, z: Tensor, axis: Literal["x", "y"]) -> Tensor:
-        """The derivative the equations predict along ``axis`` at ``z`` (channels on dim 1)."""
+    def velocity(self, z: Tensor, axis: Literal["x", "y"], scale: Tensor | None = None) -> Tensor:
+        """The derivative the equations predict along ``axis`` at ``z`` (channels on dim 1).
+
+        ``normalized`` multiplies ``A norm(z)`` by ``scale`` (N, 1, ...: the image's feature scale;
+        computed from ``z`` when not given), so both rules are homogeneous: ``velocity(c z) =
+        c velocity(z)``, and the heat loss cannot be won by growing or shrinking the features.
+        """
         mat = self.A if axis == "x" else self.B
-        f = channel_standardize(z) if self.step_rule == "normalized" else z
+        f = z
+        if self.step_rule == "normalized":
+            f = channel_standardize(z) * (feature_scale(z) if scale is None else scale)
         return torch.einsum("ij,nj...->ni...", mat.to(f.dtype), f)
 
     def commutator(self, probes: int = 0) -> Tensor:
@@ -132,14 +152,16 @@ class HeatPredictor(nn.Module):
         sign_x = (1.0 - 2.0 * flip_x.to(block.dtype)).view(n, 1, 1)
         sign_y = (1.0 - 2.0 * flip_y.to(block.dtype)).view(n, 1, 1)
         ops = self.operators
+        # One scale per image, from its kept block, held through every step (normalized rule).
+        scale = feature_scale(block).view(n, 1, 1) if ops.step_rule == "normalized" else None
         column, new_columns = z[..., -1], []
         for _ in range(w):
-            column = column + sign_x * ops.velocity(column, "x")
+            column = column + sign_x * ops.velocity(column, "x", scale)
             new_columns.append(column)
         top = torch.cat([z, torch.stack(new_columns, dim=-1)], dim=-1)
         row, new_rows = top[..., -1, :], []
         for _ in range(h):
-            row = row + sign_y * ops.velocity(row, "y")
+            row = row + sign_y * ops.velocity(row, "y", scale)
             new_rows.append(row)
         full = torch.cat([top, torch.stack(new_rows, dim=-2)], dim=-2)
         return flip_where(flip_where(full, flip_y, -2), flip_x, -1)
@@ -150,9 +172,12 @@ class HeatPredictor(nn.Module):
 
 
 class MaskTokenPredictor(nn.Module):
-    """Baseline (MAE-style): one learned [MASK] feature fills the three masked quadrants.
+    """Baseline (MAE-style): a learned [MASK] feature plus each cell's position fills the masked
+    quadrants.
 
-    Used by the ablation against the heat predictor; it has no A and B, so no heat loss.
+    The positions are MAE's fixed 2-D sin-cos embedding of the full grid (timm's
+    ``build_sincos2d_pos_embed``), so masked cells can be told apart on any grid size, as MAE's
+    decoder tells its mask tokens apart. It has no A and B: its heat loss brings its own.
     """
 
     def __init__(self, dim: int) -> None:
@@ -160,14 +185,22 @@ class MaskTokenPredictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def positions(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Sin-cos positions of an (h, w) grid as (1, d, h, w)."""
+        d = self.mask_token.shape[0]
+        table = build_sincos2d_pos_embed([h, w], dim=-(-d // 4) * 4, device=device)
+        return table[:, :d].T.reshape(1, d, h, w).to(dtype)
+
     def forward(
         self, block: Tensor, quadrant: int | str | Tensor = 0, check: bool = True
     ) -> Tensor:
-        """Return (N, d, 2h, 2w): the block in its quadrant and the [MASK] feature elsewhere."""
+        """Return (N, d, 2h, 2w): the block in its quadrant, [MASK] + position elsewhere."""
         n, d, h, w = block.shape
         q = quadrant_ids(quadrant, n, block.device, check)
-        fill = self.mask_token.to(block.dtype).view(1, d, 1, 1).expand(n, d, 2 * h, 2 * w)
-        return place_block(block, q, fill)
+        fill = self.mask_token.to(block.dtype).view(1, d, 1, 1) + self.positions(
+            2 * h, 2 * w, block.device, block.dtype
+        )
+        return place_block(block, q, fill.expand(n, d, 2 * h, 2 * w))
 
 
 def build_predictor(

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from heatssl.errors import ArgumentError
-from heatssl.model.heat import HeatOperators, StepRule
+from heatssl.model.heat import HeatOperators, StepRule, feature_scale
 
 
 def _world_size() -> int:
@@ -23,17 +23,20 @@ def _world_size() -> int:
 class HeatLoss(nn.Module):
     """Scale-free residual of ``dz/dx = A z`` and ``dz/dy = B z`` on any feature map (N, d, h, w).
 
-    ``L = (mean||dz_x - A z||^2 + mean||dz_y - B z||^2) / (mean||dz_x||^2 + mean||dz_y||^2 +
-    mean||z||^2)``, where ``dz_x, dz_y`` are forward differences between neighbouring cells. The
-    denominator makes the loss independent of the features' scale, so it cannot be won by shrinking
-    the features. The step rule of the operators is used (``normalized``: ``A norm(z)``).
+    ``L = (mean||dz_x - A z||^2 + mean||dz_y - B z||^2 + eps) / (mean||dz_x||^2 + mean||dz_y||^2 +
+    mean||z - zbar||^2 + eps)``, where ``dz_x, dz_y`` are forward differences between neighbouring
+    cells and ``zbar`` is each image's mean feature over its positions. Neither a rescale nor an
+    added constant can win it: the ratio is unchanged when the features are multiplied by any
+    number (both step rules are homogeneous, ``normalized`` being ``s A norm(z)`` with ``s`` the
+    image's feature scale), and a constant per channel (a norm layer's bias) changes neither the
+    differences nor the centred denominator. A spatially constant map scores 1, the worst, not 0.
 
     Args:
         dim: Feature dimension; creates its own operators when ``operators`` is not given.
         operators: Share A and B with a :class:`~heatssl.model.heat.HeatPredictor`
             (``predictor.operators``).
         step: Step rule for operators it creates.
-        eps: Added to the denominator.
+        eps: Added to the numerator and the denominator (a constant map scores 1).
         sync_distributed: In training mode under torch.distributed (DDP), average the numerator
             and the denominator over all processes before dividing, so the ratio is the one of the
             global batch and the gradients match a single process with that batch. Every process
@@ -72,15 +75,18 @@ class HeatLoss(nn.Module):
                 f"smaller output_stride."
             )
         z = z.float()
+        centred = z - z.mean(dim=(-2, -1), keepdim=True)
+        ops = self.operators
+        scale = feature_scale(z) if ops.step_rule == "normalized" else None
         dx = z[..., :, 1:] - z[..., :, :-1]
         dy = z[..., 1:, :] - z[..., :-1, :]
-        rx = dx - self.operators.velocity(z[..., :, :-1], "x")
-        ry = dy - self.operators.velocity(z[..., :-1, :], "y")
+        rx = dx - ops.velocity(z[..., :, :-1], "x", scale)
+        ry = dy - ops.velocity(z[..., :-1, :], "y", scale)
 
         def msq(t: Tensor) -> Tensor:
             return t.pow(2).sum(dim=1).mean()
 
-        parts = torch.stack([msq(rx) + msq(ry), msq(dx) + msq(dy) + msq(z)])
+        parts = torch.stack([msq(rx) + msq(ry), msq(dx) + msq(dy) + msq(centred)])
         world = _world_size()
         if self.sync_distributed and self.training and world > 1:
             # A differentiable gather (a functional collective: torch.compile keeps it in the
@@ -90,4 +96,4 @@ class HeatLoss(nn.Module):
 
             gathered = all_gather_tensor_autograd(parts, gather_dim=0, group=dist.group.WORLD)
             parts = gathered.view(world, 2).mean(dim=0)
-        return parts[0] / (parts[1] + self.eps)
+        return (parts[0] + self.eps) / (parts[1] + self.eps)

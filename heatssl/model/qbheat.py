@@ -74,7 +74,8 @@ class QBHeat(nn.Module):
     Args:
         backbone: The encoder of the kept quarter block.
         predictor: ``heat`` (learned A, B), ``copy`` (A = B = 0, frozen) or ``mask_token``
-            (MAE-style baseline: one learned feature in the masked quadrants).
+            (MAE-style baseline: one learned feature plus a learned position per masked cell).
+            The baselines' heat loss (``heat_weight > 0``) has its own trainable A and B.
         step: Heat step rule, ``normalized`` (default, chosen by the ablation in docs/benchmarks.md)
             or ``euler``.
         init: Initial A and B, ``zeros`` or ``random``.
@@ -113,10 +114,13 @@ class QBHeat(nn.Module):
         self.backbone = backbone
         self.predictor = build_predictor(predictor, dim, step=step, init=init)
         operators = getattr(self.predictor, "operators", None)
-        # The mask-token baseline has no A, B of its own: the heat loss then brings its own.
+        trained = operators is not None and operators.A.requires_grad
+        # Baselines without trained A, B (copy: frozen A = B = 0; mask_token: none) give the heat
+        # loss its own trainable operators, so that an ablation changes only the extrapolation (on
+        # frozen zeros the loss would be a plain smoothness penalty on the encoder).
         self.heat_loss = (
-            HeatLoss(dim=dim, operators=operators, step=step)
-            if operators is not None or heat_weight > 0
+            HeatLoss(dim=dim, operators=operators if trained else None, step=step)
+            if trained or heat_weight > 0
             else None
         )
         self.decoder = ConvDecoder(
@@ -133,9 +137,11 @@ class QBHeat(nn.Module):
         self.region, self.norm_pix = region, norm_pix
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters AdamW must not decay besides biases and norms: the heat operators and the
-        [MASK] feature (timm's ``no_weight_decay`` convention)."""
-        return {n for n, _ in self.named_parameters() if n.startswith(("predictor.", "heat_loss."))}
+        """Parameters AdamW must not decay besides biases and norms: the heat operators, the
+        [MASK] feature and its positions, and what the backbone's timm model names (a ViT's
+        positions and class token), by timm's ``no_weight_decay`` convention."""
+        own = {n for n, _ in self.named_parameters() if n.startswith(("predictor.", "heat_loss."))}
+        return own | {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     def sample_quadrants(self, n: int, device: torch.device) -> Tensor:
         """One kept-quadrant id per sample: random, or the configured fixed one."""

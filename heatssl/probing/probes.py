@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from heatssl.config import ProbeConfig, config_keys
 from heatssl.errors import ArgumentError, check_choice
 from heatssl.model.heads import LinearHead, Tran1Head
-from heatssl.model.optim import scaled_lr, warmup_cosine
+from heatssl.model.optim import scaled_lr, warmup_cosine, weight_decay_groups
 from heatssl.probing.features import FeatureCache
 
 ProbeOptimizer = Literal["sgd", "lars", "adamw"]
@@ -58,7 +58,8 @@ def train_head(
     batch_size = min(batch_size, n)
     steps_per_epoch = max(1, n // batch_size)
     total = epochs * steps_per_epoch
-    opt = _optimizer(optimizer, head.parameters(), scaled_lr(base_lr, batch_size), weight_decay)
+    groups = weight_decay_groups(head, weight_decay)  # no decay on biases, norms, positions
+    opt = _optimizer(optimizer, groups, scaled_lr(base_lr, batch_size), weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup_epochs * steps_per_epoch, total)
     )

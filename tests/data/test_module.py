@@ -37,12 +37,13 @@ def test_digits_batches_and_split(digits: HeatDataModule) -> None:
     assert loader.num_workers == cores_per_process() and loader.persistent_workers  # "auto"
 
 
-def test_digits_split_disjoint_and_seeded(digits: HeatDataModule) -> None:
-    same = build_datamodule(DataConfig(name="digits", batch_size=16), seed=0)
-    other = build_datamodule(DataConfig(name="digits", batch_size=16), seed=1)
-    a, b = digits.train_dataset.images, same.train_dataset.images
-    assert np.array_equal(a, b)
-    assert not np.array_equal(a, other.train_dataset.images)
+def test_digits_split_disjoint_and_tied_to_the_data_not_the_run_seed(digits) -> None:
+    """Probing with another seed than pretraining must not put pretraining images in val."""
+    other_run = build_datamodule(DataConfig(name="digits", batch_size=16), seed=1)
+    a = digits.train_dataset.images
+    assert np.array_equal(a, other_run.train_dataset.images)
+    other_split = build_datamodule(DataConfig(name="digits", batch_size=16, split_seed=1))
+    assert not np.array_equal(a, other_split.train_dataset.images)
     # train and val do not share images of the source set
     train = {im.tobytes() for im in digits.train_dataset.images}
     assert not any(im.tobytes() in train for im in digits.val_dataset.images[:50])

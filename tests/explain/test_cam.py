@@ -10,6 +10,7 @@ from heatssl.explain.cam import (
     ProbedBackbone,
     class_maps,
     frozen,
+    gradient_layer,
     heatmaps,
     resolve_targets,
 )
@@ -78,6 +79,42 @@ def test_every_method_gives_one_finite_map_per_image(request, method, which):
     assert all(p.grad is None for p in backbone.parameters())
     assert all(p.grad is None for p in head.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, backbone.parameters(), strict=True))
+
+
+def test_gradient_cams_hook_the_block_before_the_probed_stage_s_last(resnet, vit):
+    assert gradient_layer(resnet)[0] == "layer3"  # test_resnet's stages hold one block each
+    assert gradient_layer(vit)[0] == "blocks.4"  # the probed grid is blocks.5's output
+    deep = Backbone("resnet18", image_size=128)
+    assert gradient_layer(deep)[0] == "layer4.0"
+    assert gradient_layer(torch.nn.Conv2d(3, 8, 3)) is None  # not a timm adapter: the grid
+
+
+@pytest.mark.parametrize("which", ["resnet", "vit"])
+def test_gradcam_differs_from_cam_where_it_used_to_equal_it(request, which, monkeypatch):
+    """On the probed grid Grad-CAM is ReLU(cam) (a linear head on average pooling): the default
+    layer must show something else; ``cam`` itself stays the exact weighted sum."""
+    import cv2
+
+    from heatssl.explain import cam as cam_module
+
+    backbone = request.getfixturevalue(which)
+    head = _trained_head(backbone.num_features)
+    with torch.no_grad():
+        head.fc.weight.abs_()  # a class with positive cells to show
+    images = torch.randn(4, 3, 128, 128)
+    cam = heatmaps(backbone, head, images, method="cam", target=0)
+    relu = np.maximum(cam.raw, 0.0)
+    assert (relu.reshape(4, -1).max(1) > 0).all()
+    relu = relu - relu.reshape(4, -1).min(1)[:, None, None]
+    relu = relu / (1e-7 + relu.reshape(4, -1).max(1)[:, None, None])
+    relu_cam = np.stack([cv2.resize(m, (128, 128)) for m in relu])  # as grad-cam scales a map
+    grad = heatmaps(backbone, head, images, method="gradcam", target=0)
+    assert cam.layer == "grid" and grad.layer == gradient_layer(backbone)[0]
+    monkeypatch.setattr(cam_module, "gradient_layer", lambda b: None)  # the old hook: the grid
+    on_grid = heatmaps(backbone, head, images, method="gradcam", target=0)
+    # (a tiny random ViT changes little in one block: 0.016 mean, 0.20 at most; resnet 0.12, 0.58)
+    assert np.abs(on_grid.maps - grad.maps).max() > 0.1
+    assert on_grid.layer == "grid" and np.abs(on_grid.maps - relu_cam).mean() < 0.02
 
 
 def test_frozen_restores_flags():

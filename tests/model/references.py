@@ -17,13 +17,25 @@ def _vec(t, n, y, x):
     return [float(t[n, c, y, x]) for c in range(t.shape[1])]
 
 
-def _f(v, step):
-    """The step rule's input: the vector itself (euler) or its standardisation over channels."""
+def _f(v, step, scale=1.0):
+    """The step rule's input: the vector itself (euler) or its standardisation over channels
+    times the image's feature scale (normalized)."""
     if step == "euler":
         return list(v)
     mean = sum(v) / len(v)
     var = sum((a - mean) ** 2 for a in v) / len(v)
-    return [(a - mean) / math.sqrt(var + 1e-5) for a in v]
+    return [scale * (a - mean) / math.sqrt(var + 1e-5) for a in v]
+
+
+def _scale(t, n, eps=1e-8):
+    """Sample ``n``'s feature scale: RMS over channels and cells of the map centred per channel."""
+    _, d, h, w = t.shape
+    total = 0.0
+    for c in range(d):
+        vals = [float(t[n, c, y, x]) for y in range(h) for x in range(w)]
+        mean = sum(vals) / len(vals)
+        total += sum((a - mean) ** 2 for a in vals)
+    return math.sqrt(total / (d * h * w) + eps)
 
 
 def _rows(m):
@@ -36,8 +48,8 @@ def _matvec(m, v):
     return [sum(m[i][j] * v[j] for j in range(d)) for i in range(d)]
 
 
-def _step(v, m, sign, step):
-    mv = _matvec(m, _f(v, step))
+def _step(v, m, sign, step, scale=1.0):
+    mv = _matvec(m, _f(v, step, scale))
     return [v[i] + sign * mv[i] for i in range(len(v))]
 
 
@@ -51,6 +63,7 @@ def reference_predict(block, quadrants, a, b, step):
         q = int(quadrants[n])
         right, bottom = q in (1, 3), q in (2, 3)
         x0, y0 = (w if right else 0), (h if bottom else 0)
+        s = _scale(block, n)
         grid.clear()
         for i in range(h):
             for j in range(w):
@@ -59,18 +72,18 @@ def reference_predict(block, quadrants, a, b, step):
         for y in range(y0, y0 + h):
             if right:
                 for x in range(w - 1, -1, -1):
-                    grid[(y, x)] = _step(grid[(y, x + 1)], a, -1.0, step)
+                    grid[(y, x)] = _step(grid[(y, x + 1)], a, -1.0, step, s)
             else:
                 for x in range(w, 2 * w):
-                    grid[(y, x)] = _step(grid[(y, x - 1)], a, 1.0, step)
+                    grid[(y, x)] = _step(grid[(y, x - 1)], a, 1.0, step, s)
         # then along y, over the full width
         for x in range(2 * w):
             if bottom:
                 for y in range(h - 1, -1, -1):
-                    grid[(y, x)] = _step(grid[(y + 1, x)], b, -1.0, step)
+                    grid[(y, x)] = _step(grid[(y + 1, x)], b, -1.0, step, s)
             else:
                 for y in range(h, 2 * h):
-                    grid[(y, x)] = _step(grid[(y - 1, x)], b, 1.0, step)
+                    grid[(y, x)] = _step(grid[(y - 1, x)], b, 1.0, step, s)
         for (y, x), v in grid.items():
             for c in range(d):
                 out[n, c, y, x] = v[c]
@@ -78,8 +91,10 @@ def reference_predict(block, quadrants, a, b, step):
 
 
 def reference_heat_loss(z, a, b, step, eps=1e-8):
-    """Scale-free residual loss with explicit loops over samples, cells and channels."""
-    n_batch, _, h, w = z.shape
+    """Scale-free residual loss with explicit loops over samples, cells and channels.
+
+    The denominator's ``||z||^2`` is of each map centred per channel over its cells."""
+    n_batch, d, h, w = z.shape
     a, b = _rows(a), _rows(b)
 
     def sq(v):
@@ -87,22 +102,27 @@ def reference_heat_loss(z, a, b, step, eps=1e-8):
 
     rx = dx = ry = dy = zz = 0.0
     for n in range(n_batch):
+        s = _scale(z, n)
+        mean = [
+            sum(float(z[n, c, y, x]) for y in range(h) for x in range(w)) / (h * w)
+            for c in range(d)
+        ]
         for y in range(h):
             for x in range(w):
                 v = _vec(z, n, y, x)
-                zz += sq(v)
+                zz += sq([p - q for p, q in zip(v, mean, strict=True)])
                 if x + 1 < w:
                     diff = [p - q for p, q in zip(_vec(z, n, y, x + 1), v, strict=True)]
-                    pred = _matvec(a, _f(v, step))
+                    pred = _matvec(a, _f(v, step, s))
                     dx += sq(diff)
                     rx += sq([p - q for p, q in zip(diff, pred, strict=True)])
                 if y + 1 < h:
                     diff = [p - q for p, q in zip(_vec(z, n, y + 1, x), v, strict=True)]
-                    pred = _matvec(b, _f(v, step))
+                    pred = _matvec(b, _f(v, step, s))
                     dy += sq(diff)
                     ry += sq([p - q for p, q in zip(diff, pred, strict=True)])
     n_x, n_y, n_z = n_batch * h * (w - 1), n_batch * (h - 1) * w, n_batch * h * w
-    return (rx / n_x + ry / n_y) / (dx / n_x + dy / n_y + zz / n_z + eps)
+    return (rx / n_x + ry / n_y + eps) / (dx / n_x + dy / n_y + zz / n_z + eps)
 
 
 def _predictor(step, d=3, seed=0, scale=0.3):

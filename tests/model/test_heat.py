@@ -171,6 +171,14 @@ def test_commutator_penalty_zero_for_commuting():
 # --------------------------------------------------------------------------- MaskTokenPredictor
 
 
+def test_mask_token_cells_can_be_told_apart_on_any_grid():
+    """One identical token everywhere left interior cells of grids > 2 x 2 indistinguishable."""
+    predictor = MaskTokenPredictor(8)
+    out = predictor(torch.randn(1, 8, 3, 3), 0)  # a 6 x 6 grid, 27 masked cells
+    cells = out[0].flatten(1).T[quadrant_mask(torch.tensor([0]), 6, 6).flatten().bool()]
+    assert len(cells) == 27 and len(torch.unique(cells, dim=0)) == 27
+
+
 def test_mask_token_predictor():
     torch.manual_seed(0)
     predictor = MaskTokenPredictor(3)
@@ -180,9 +188,21 @@ def test_mask_token_predictor():
     assert out.shape == (4, 3, 4, 6)
     assert torch.equal(crop_quadrant(out, q), block)
     token = predictor.mask_token.detach().view(1, 3, 1, 1)
+    fill = (token + predictor.positions(4, 6, block.device, block.dtype)).expand(4, 3, 4, 6)
     masked = quadrant_mask(q, 4, 6).bool().expand(4, 3, 4, 6)
-    assert torch.equal(out[masked], token.expand(4, 3, 4, 6)[masked])
+    assert torch.equal(out[masked], fill[masked])
     assert torch.equal(predictor(block, "bottom_left"), predictor(block, torch.full((4,), 2)))
     out.sum().backward()
     # every sample has 3 masked quadrants of 2 x 3 cells, each holding the token once
     torch.testing.assert_close(predictor.mask_token.grad, torch.full((3,), 4 * 3 * 6.0))
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_predictor_is_homogeneous_for_both_step_rules(step):
+    """Rescaled features extrapolate to the rescaled grid, as the scale-free heat loss assumes."""
+    predictor = _predictor(step, d=4, seed=3)
+    block = torch.randn(2, 4, 2, 3, dtype=torch.float64)
+    q = torch.tensor([1, 2])
+    for c in (0.5, 10.0, 100.0):  # (layer_norm's eps of 1e-5 bends it for far smaller maps)
+        got, want = predictor(c * block, q), c * predictor(block, q)
+        assert torch.allclose(got, want, rtol=2e-3, atol=2e-3 * c)

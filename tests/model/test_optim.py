@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from heatssl.model.backbone import Backbone
-from heatssl.model.heads import LinearHead
+from heatssl.model.heads import LinearHead, Tran1Head
 from heatssl.model.optim import scaled_lr, warmup_cosine, weight_decay_groups
 from heatssl.model.qbheat import QBHeat
 
@@ -37,6 +37,27 @@ def test_weight_decay_groups_spare_biases_norms_and_the_heat_operators():
     assert any(n.startswith("backbone.") for n in decayed_names)
     assert not any(n.endswith(".bias") for n in decayed_names)
     assert len(decayed_names) + len(spared_names) == len(list(model.parameters()))
+
+
+def test_a_vit_s_positions_and_class_token_are_not_decayed():
+    """timm's and MAE's rule: what ``model.no_weight_decay()`` names gets no decay."""
+    backbone = Backbone("test_vit", image_size=32, patch_size=4)
+    model = QBHeat(backbone, decoder_width=16)
+    decayed, spared = weight_decay_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert {"backbone.model.pos_embed", "backbone.model.cls_token"} <= spared_names
+    assert any(names[id(p)].endswith("qkv.weight") for p in decayed["params"])
+
+
+def test_tran1_positions_norms_and_biases_are_not_decayed():
+    head = Tran1Head(16, 3, tokens=4, heads=2)
+    decayed, spared = weight_decay_groups(head, 0.05)
+    names = {id(p): n for n, p in head.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert "pos" in spared_names and "norm.weight" in spared_names
+    assert all(names[id(p)].endswith("weight") for p in decayed["params"])
+    assert all(p.ndim == 2 for p in decayed["params"])
 
 
 def test_weight_decay_groups_keep_their_layout_with_no_decay():

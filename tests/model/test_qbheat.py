@@ -135,20 +135,32 @@ def test_gradients_reach_operators_backbone_and_decoder(init):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_copy_predictor_has_frozen_zero_operators():
+def test_copy_predictor_has_frozen_zero_operators_and_a_heat_loss_of_its_own():
+    """copy differs from heat only in the extrapolation: its heat loss learns its own A and B
+    (on the frozen zeros it would be a smoothness penalty, a second change in the ablation)."""
     model = _model(predictor="copy", init="random", commute_weight=1.0)
     ops = model.predictor.operators
     assert not ops.A.requires_grad and not ops.B.requires_grad
     assert torch.equal(ops.A, torch.zeros_like(ops.A)) and torch.equal(
         ops.B, torch.zeros_like(ops.B)
     )
+    own = model.heat_loss.operators
+    assert own is not ops and own.A.requires_grad and own.B.requires_grad
     out = model(_images(2, 64), torch.tensor([0, 3]))
-    assert out.commute is None
-    assert out.heat is not None
-    assert out.loss.item() == pytest.approx((out.rec + 0.1 * out.heat).item(), rel=1e-6)
+    assert out.heat is not None and out.commute is not None
+    expected = out.rec + 0.1 * out.heat + 1.0 * out.commute
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     out.loss.backward()
     assert ops.A.grad is None and ops.B.grad is None
+    assert own.A.grad is not None and own.A.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.decoder.parameters())
+
+
+def test_copy_without_heat_loss_has_no_operators_to_train():
+    model = _model(predictor="copy", heat_weight=0.0)
+    assert model.heat_loss is None
+    out = model(_images(2, 64), torch.tensor([0, 3]))
+    assert out.heat is None and out.commute is None and out.loss.item() == out.rec.item()
 
 
 def test_mask_token_without_heat_loss():
@@ -166,9 +178,10 @@ def test_mask_token_with_heat_loss():
     assert isinstance(model.heat_loss, HeatLoss)
     out = model(_images(2, 64), torch.tensor([1, 2]))
     assert out.heat is not None and torch.isfinite(out.heat) and out.heat.item() > 0
-    commute = 0.0 if out.commute is None else 1e-3 * out.commute.item()
+    assert out.commute is not None  # the heat loss trains A and B: they must commute too
     assert out.loss.item() == pytest.approx(
-        out.rec.item() + 0.5 * out.heat.item() + commute, rel=1e-6
+        out.rec.item() + 0.5 * out.heat.item() + model.commute_weight * out.commute.item(),
+        rel=1e-6,
     )
     out.loss.backward()
     assert model.heat_loss.operators.A.grad.abs().sum() > 0

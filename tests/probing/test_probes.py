@@ -29,8 +29,7 @@ def test_linear_probe_separable_clusters():
     scores = predict(head, x_te, batch_size=70)  # several batches, the last partial
     assert scores.shape == (400, 4)
     acc = topk_accuracy(scores, y_te, 4)
-    assert acc["top1"] >= 95.0
-    assert acc["top5"] == pytest.approx(100.0)  # top-4 of 4 classes
+    assert acc["top1"] >= 95.0  # (top-5 of 4 classes is 100 whatever the head: not a check)
 
 
 def test_linear_probe_random_labels_is_chance_on_held_out():
@@ -192,8 +191,7 @@ def test_run_probes(cache, kinds):
     assert list(metrics) == kinds
     assert sorted(heads) == sorted(k for k in kinds if k != "knn")
     for m in metrics.values():
-        assert 0.0 <= m["top1"] <= m["top5"] <= 100.0
-        assert m["top5"] == pytest.approx(100.0)  # top-3 of 3 classes
+        assert 0.0 <= m["top1"] <= m["top5"] <= 100.0  # (top-5 of 3 classes is always 100)
         assert m["seconds"] >= 0.0
     assert metrics["knn"]["k"] == 5 and metrics["knn"]["top1"] >= 90.0
     assert metrics["linear"]["epochs"] == 5 and metrics["linear"]["top1"] >= 90.0
