@@ -12,6 +12,8 @@ import difflib
 from typing import Any
 
 import timm
+import torch
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from heatssl.errors import ArgumentError
@@ -127,13 +129,63 @@ class Backbone(nn.Module):
         )
         if image_size is not None and check_size:
             self.check_image_size(image_size)
+        self._quadrant: Tensor | None = None  # set for one forward of a kept quarter (ViTs)
+        if self.has_position_table:
+            self.model.patch_embed.register_forward_hook(self._quadrant_positions)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Feature grid (N, d, H / reduction, W / reduction) of the chosen stage."""
-        (grid,) = self.model.forward_intermediates(
-            x, indices=[self.stage], norm=self.is_last, stop_early=True, intermediates_only=True
+    @property
+    def has_position_table(self) -> bool:
+        """A ViT with a learned absolute position table, resampled to the input's token grid."""
+        model = self.model
+        return (
+            getattr(model, "pos_embed", None) is not None
+            and getattr(model, "dynamic_img_size", False)
+            and hasattr(model, "patch_embed")
         )
+
+    def forward(self, x: Tensor, quadrant: Tensor | None = None) -> Tensor:
+        """Feature grid (N, d, H / reduction, W / reduction) of the chosen stage.
+
+        ``quadrant`` (N,) says that ``x`` is that quarter of a twice larger image: a ViT's tokens
+        then get the positions they have in the whole image (that quadrant's part of the position
+        table), as MAE's visible patches keep theirs, instead of the whole table squeezed onto the
+        quarter. CNNs ignore it.
+        """
+        self._quadrant = quadrant if self.has_position_table else None
+        try:
+            (grid,) = self.model.forward_intermediates(
+                x, indices=[self.stage], norm=self.is_last, stop_early=True, intermediates_only=True
+            )
+        finally:
+            self._quadrant = None
         return grid
+
+    def _quadrant_positions(self, module: nn.Module, inputs: Any, tokens: Tensor) -> Tensor | None:
+        """patch_embed hook: add (the quadrant's part of the whole grid's positions) minus (the
+        table resampled onto the quarter, which timm adds next), so the sum is the former."""
+        quadrant = self._quadrant
+        if quadrant is None or tokens.ndim != 4:
+            return None
+        model = self.model
+        n, h, w, _ = tokens.shape
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+
+        def table(size: tuple[int, int]) -> Tensor:
+            resampled = resample_abs_pos_embed(
+                model.pos_embed,
+                new_size=size,
+                old_size=model.patch_embed.grid_size,
+                num_prefix_tokens=prefix,
+            )
+            return resampled[:, prefix:].reshape(1, size[0], size[1], -1)
+
+        whole, squeezed = table((2 * h, 2 * w)), table((h, w))
+        rows = (quadrant >= 2).long().view(n, 1, 1) * h + torch.arange(h, device=tokens.device)
+        rows = rows.view(n, h, 1).expand(n, h, w)
+        cols = (quadrant % 2).long().view(n, 1, 1) * w + torch.arange(w, device=tokens.device)
+        cols = cols.view(n, 1, w).expand(n, h, w)
+        own = whole[0][rows, cols]  # (n, h, w, C): each sample's quadrant of the whole grid
+        return tokens + (own - squeezed).to(tokens.dtype)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in backward (timm's own switch): less memory, more compute."""

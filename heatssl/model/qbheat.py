@@ -162,7 +162,7 @@ class QBHeat(nn.Module):
             q = self.sample_quadrants(n, images.device)
         else:
             q = quadrant_ids(quadrant, n, images.device)
-        block = self.backbone(crop_quadrant(images, q))
+        block = self.backbone(crop_quadrant(images, q), quadrant=q)  # ViTs: own positions
         pred = self.decoder(self.predictor(block, q, check=False))  # q is valid by now
         weight = quadrant_mask(q, h, w) if self.region == "masked" else None
         rec = reconstruction_loss(pred, self.target(images), weight)

@@ -215,7 +215,7 @@ class HeatPretrainModule(L.LightningModule):
             return
         images = self.model_input(images)
         q = torch.arange(images.shape[0], device=images.device) % 4
-        pooled = self.backbone(crop_quadrant(images, q)).float().mean(dim=(-2, -1))
+        pooled = self.backbone(crop_quadrant(images, q), quadrant=q).float().mean(dim=(-2, -1))
         self.online_val_acc(self.online(pooled), labels)
         self.log("online/val_top1", self.online_val_acc, on_epoch=True, prog_bar=True)
 

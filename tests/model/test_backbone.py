@@ -101,3 +101,38 @@ def test_every_kept_parameter_reaches_the_grid(name, stage, size):
     assert not unused
     if stage == -2:
         assert not any(n.startswith("model.layer4") for n, _ in backbone.named_parameters())
+
+
+def test_a_vit_s_kept_quarter_keeps_its_positions_in_the_whole_image():
+    """The quarter's tokens (patches + positions, before the blocks) equal the same patches' tokens
+    in the whole image; without the quadrant they get the squeezed whole table instead."""
+    from heatssl.model.quadrants import crop_quadrant
+
+    torch.manual_seed(0)
+    backbone = Backbone("test_vit", image_size=32, patch_size=4).eval()
+    seen = []
+    backbone.model.norm_pre.register_forward_hook(lambda m, i, o: seen.append(o))
+    images, q = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    prefix = backbone.model.num_prefix_tokens
+    with torch.no_grad():
+        backbone(images)
+        backbone(crop_quadrant(images, q), quadrant=q)
+        backbone(crop_quadrant(images, q))
+    whole, own, squeezed = seen
+    grid = whole[:, prefix:].reshape(4, 8, 8, -1)
+    for i, quadrant in enumerate(q.tolist()):
+        y0, x0 = 4 * (quadrant >= 2), 4 * (quadrant % 2)
+        expected = grid[i, y0 : y0 + 4, x0 : x0 + 4].reshape(16, -1)
+        torch.testing.assert_close(own[i, prefix:], expected)
+        torch.testing.assert_close(own[i, :prefix], whole[i, :prefix])  # the class token
+        assert (squeezed[i, prefix:] - expected).abs().max() > 1e-2
+    assert backbone._quadrant is None  # the quadrant lasts one forward
+
+
+def test_cnns_ignore_the_quadrant():
+    torch.manual_seed(0)
+    backbone = Backbone("test_resnet", image_size=64, output_stride=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone(x), backbone(x, quadrant=torch.tensor([1, 3])))
+    assert not backbone.has_position_table

@@ -114,7 +114,7 @@ def test_forward_loss_is_sum_of_parts(spec):
     rec = _masked_mse_by_hand(out.pred.detach(), target, q)
     assert out.rec.item() == pytest.approx(rec, rel=1e-5)
     with torch.no_grad():
-        block = model.backbone(crop_quadrant(images, q))
+        block = model.backbone(crop_quadrant(images, q), quadrant=q)
         heat = HeatLoss(operators=model.predictor.operators)(block)
     assert out.heat.item() == pytest.approx(heat.item(), rel=1e-4)
     a, b = model.predictor.operators.A, model.predictor.operators.B
