@@ -85,8 +85,10 @@ def run_heatmaps(
             logits=result.logits,
             targets=result.targets,
             names=np.array(loaded.names),
+            layer=np.array(result.layer),
         )
-        fig = heatmap_sheet(loaded.originals, result.maps, titles, method)
+        shown = method if result.layer == "grid" else f"{method} on {result.layer}"
+        fig = heatmap_sheet(loaded.originals, result.maps, titles, shown)
         sheets[method] = save_figure(fig, out / f"{method.replace('+', 'p')}_sheet.png")
         results[method] = result
     return HeatmapRun(out, sheets, results, loaded.skipped)

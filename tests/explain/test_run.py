@@ -46,6 +46,7 @@ def test_heatmaps_cli_on_a_split(probed, tmp_path, capsys):
         assert Image.open(overlays[0]).size == (32, 32)  # the input's resolution
         arrays = np.load(out / method / "maps.npz")
         assert arrays["maps"].shape == (5, 32, 32) and arrays["logits"].shape == (5, 10)
+        assert str(arrays["layer"]) == ("grid" if method == "cam" else "layer3")  # test_resnet
 
 
 def test_heatmaps_on_an_image_folder_keep_each_size(probed, tmp_path, capsys):
