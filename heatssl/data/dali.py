@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import re
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +47,22 @@ JPEG_SOF_DALI = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DALI_MODES = ("RGB", "L", "1", "P")  # PIL modes DALI turns into the same RGB as read_image
 NAMED_FILES = 8  # files named in a message about a whole batch
+
+_LIVE_PIPELINES: weakref.WeakSet[Any] = weakref.WeakSet()  # every pipeline this process built
+_INHERITED_PIPELINES: list[Any] = []  # in a forked child: the parent's, never destroyed
+
+
+def _keep_inherited_pipelines() -> None:
+    """In a forked child (a PIL loader worker, say), keep the parent's DALI pipelines alive.
+
+    Their threads do not come along with a fork, so destroying one in the child, as the garbage
+    collector does with a pipeline left in a reference cycle, crashes the child (SIGSEGV). Kept
+    here, they are never destroyed: loader workers leave with ``os._exit``.
+    """
+    _INHERITED_PIPELINES.extend(_LIVE_PIPELINES)
+
+
+os.register_at_fork(after_in_child=_keep_inherited_pipelines)
 
 
 def dali_available() -> bool:
@@ -332,6 +350,7 @@ class DaliLoader:
             )
             pipe.set_outputs(images)
         pipe.build()
+        _LIVE_PIPELINES.add(pipe)
         return pipe
 
     def _pipeline(self) -> Any:

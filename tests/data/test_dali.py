@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,37 @@ def test_epochs_in_a_row_each_yield_every_batch_in_their_own_order(files):
         break  # a pass left early (prefetched batches still in DALI) ...
     sampler.set_epoch(6)
     assert _labels(loader) == list(iter(sampler))[:24]  # ... does not leak into the next
+
+
+class _CollectingDataset(torch.utils.data.Dataset):
+    """Items that run the garbage collector in the loader worker first, as any worker may."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        gc.collect()
+        return index
+
+
+@needs_dali
+def test_pil_loader_workers_forked_after_a_dali_pass_survive_garbage_collection(files):
+    """A pipeline left in a reference cycle (as inside a Lightning trainer) must not crash workers.
+
+    Its threads do not come along with the fork, so the child's garbage collector destroying it
+    killed the worker with SIGSEGV or hung it (seen in CI: a PIL run after a DALI run).
+    """
+    gc.disable()  # keep the cycle alive until the workers are forked
+    try:
+        loader = _loader(files)
+        assert len(list(loader)) == 4
+        loader.cycle = loader
+        del loader
+        workers = DataLoader(_CollectingDataset(), batch_size=2, num_workers=2, timeout=60)
+        assert [batch.tolist() for batch in workers] == [[0, 1], [2, 3]]
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 # ----- 7. without DALI ---------------------------------------------------------------------------
