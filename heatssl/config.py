@@ -87,14 +87,19 @@ class HeatConfig:
     predictor: PredictorKind = "heat"
     step: StepRule = "normalized"  # chosen by the ablation (docs/benchmarks.md)
     init: InitRule = "zeros"
+    dim: int | None = (
+        None  # channels of A and B: null = the backbone's; an int adds a 1x1 projection
+    )
     quadrant: QuadrantChoice = "random"
     heat_weight: float = 0.1
     commute_weight: float = 1e-3
     commute_probes: int = 16  # random probes estimating ||AB - BA||_F^2 (0: exact, O(d^3))
 
     def validate(self) -> None:
-        """Loss weights and probe counts are not negative."""
+        """Loss weights and probe counts are not negative; ``dim`` is null or positive."""
         _not_negative("heat", self, "heat_weight", "commute_weight", "commute_probes")
+        if self.dim is not None:
+            _must(self.dim > 0, "heat.dim", self.dim, "null (the backbone's channels) or positive")
 
 
 @dataclass

@@ -60,6 +60,10 @@ VIT = [
     "model.backbone=vit_tiny_patch16_224",
     "model.output_stride=null",
     "model.kwargs={patch_size: 8}",
+    # heatssl's ViT settings (the imagenette_vit recipe); MAE's run ignores them
+    "heat.heat_weight=0.03",
+    "decoder.width=64",
+    "decoder.upsample_blocks=0",
 ]
 WARMUP_FRACTION = 0.1  # of the budget, for every method
 

@@ -53,6 +53,7 @@ def test_dict_source_round_trip():
         ("loss.norm_pix=maybe", "expected true or false"),
         ("data.image_size=0", "must be positive"),
         ("heat.heat_weight=-1", "must be >= 0"),
+        ("heat.dim=0", "heat.dim=0 must be null .* or positive"),
         ("data.name=imagefolder", "needs data.root"),
         ("trainer.max_epochs", "key=value"),
         ("model.output_stride=12", "model.output_stride=12 is not allowed. Allowed values: null"),

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from heatssl.errors import check_choice
+from heatssl.errors import ArgumentError, check_choice
 from heatssl.model.backbone import Backbone
 from heatssl.model.decoder import ConvDecoder, DecoderNorm
 from heatssl.model.heat import InitRule, PredictorKind, StepRule, build_predictor
@@ -79,6 +79,10 @@ class QBHeat(nn.Module):
         step: Heat step rule, ``normalized`` (default, chosen by the ablation in docs/benchmarks.md)
             or ``euler``.
         init: Initial A and B, ``zeros`` or ``random``.
+        heat_dim: Channels the heat operators work in. ``None`` (the paper): the backbone's own
+            features. An int: a learned 1 x 1 projection maps the encoder's grid to ``heat_dim``
+            channels first; extrapolation, heat loss and decoder then work on the projected grid,
+            which makes A and B ``heat_dim`` x ``heat_dim`` (cheap for 960- or 2048-wide CNNs).
         quadrant: ``random`` (per sample) or a fixed quadrant name.
         heat_weight: Weight of the heat residual loss on the encoder's own block grid.
         commute_weight: Weight of ``||AB - BA||_F^2``.
@@ -95,6 +99,7 @@ class QBHeat(nn.Module):
         predictor: PredictorKind = "heat",
         step: StepRule = "normalized",
         init: InitRule = "zeros",
+        heat_dim: int | None = None,
         quadrant: QuadrantChoice = "random",
         heat_weight: float = 0.1,
         commute_weight: float = 1e-3,
@@ -110,8 +115,17 @@ class QBHeat(nn.Module):
         super().__init__()
         check_choice("region", region, LossRegion)
         check_choice("quadrant", quadrant, QuadrantChoice)
-        dim = backbone.num_features
+        if heat_dim is not None and heat_dim <= 0:
+            raise ArgumentError(
+                f"heat_dim={heat_dim}: must be a positive number of channels, or None for the "
+                f"backbone's own {backbone.num_features}."
+            )
+        dim = heat_dim or backbone.num_features
         self.backbone = backbone
+        # The encoder's grid in the heat operators' channels (identity without heat_dim).
+        self.project: nn.Module = (
+            nn.Conv2d(backbone.num_features, dim, 1, bias=False) if heat_dim else nn.Identity()
+        )
         self.predictor = build_predictor(predictor, dim, step=step, init=init)
         operators = getattr(self.predictor, "operators", None)
         trained = operators is not None and operators.A.requires_grad
@@ -163,12 +177,13 @@ class QBHeat(nn.Module):
         else:
             q = quadrant_ids(quadrant, n, images.device)
         block = self.backbone(crop_quadrant(images, q), quadrant=q)  # ViTs: own positions
-        pred = self.decoder(self.predictor(block, q, check=False))  # q is valid by now
+        z = self.project(block)
+        pred = self.decoder(self.predictor(z, q, check=False))  # q is valid by now
         weight = quadrant_mask(q, h, w) if self.region == "masked" else None
         rec = reconstruction_loss(pred, self.target(images), weight)
         loss, heat, commute = rec, None, None
         if self.heat_loss is not None and self.heat_weight > 0:
-            heat = self.heat_loss(block)
+            heat = self.heat_loss(z)
             loss = loss + self.heat_weight * heat
         if (
             self.heat_loss is not None

@@ -24,6 +24,7 @@ QBHEAT_KEYS = {
     **{k: f"heat.{k}" for k in ("predictor", "step", "init", "quadrant")},
     **{k: f"decoder.{k}" for k in ("depth", "upsample_blocks", "norm")},
     "region": "loss.region",
+    "heat_dim": "heat.dim",
 }
 """The arguments QB-Heat, its predictor and its decoder name in errors, and their config keys."""
 
@@ -55,6 +56,7 @@ def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
             predictor=h.predictor,
             step=h.step,
             init=h.init,
+            heat_dim=h.dim,
             quadrant=h.quadrant,
             heat_weight=h.heat_weight,
             commute_weight=h.commute_weight,

@@ -1,10 +1,13 @@
 """The timm adapter: grids of CNNs and ViTs, size checks in the adapter's own words, re-striding."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from heatssl.errors import ArgumentError
-from heatssl.model.backbone import Backbone, restride
+from heatssl.model.backbone import Backbone, CentreTapConv2d, restride, use_centre_taps
 
 
 @pytest.mark.parametrize(
@@ -136,3 +139,38 @@ def test_cnns_ignore_the_quadrant():
     with torch.no_grad():
         assert torch.equal(backbone(x), backbone(x, quadrant=torch.tensor([1, 3])))
     assert not backbone.has_position_table
+
+
+@pytest.mark.parametrize(("stride", "size"), [(16, 32), (16, 64), (8, 32)])
+def test_dilated_convs_run_as_centre_taps_with_the_same_numbers_and_gradients(stride, size):
+    """Dilated convs on maps within their dilation skip the taps that read padding: exact."""
+    torch.manual_seed(0)
+    fast = Backbone("resnet18", output_stride=stride, check_size=False).train()
+    swapped = [m for m in fast.modules() if isinstance(m, CentreTapConv2d)]
+    assert swapped and all(max(m.dilation) > 1 for m in swapped)
+    plain = copy.deepcopy(fast)
+    for m in plain.modules():
+        if isinstance(m, CentreTapConv2d):
+            m.__class__ = nn.Conv2d
+    x = torch.randn(4, 3, size, size)
+    out_fast, out_plain = fast(x), plain(x)
+    # 32 px at stride 16: a 2 x 2 grid in layer4 (dilation 2), every swapped conv on its short path
+    assert out_fast.shape == out_plain.shape
+    assert torch.allclose(out_fast, out_plain, atol=1e-4, rtol=1e-4)
+    out_fast.pow(2).mean().backward()
+    out_plain.pow(2).mean().backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-3), name
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert use_centre_taps(Backbone("resnet18", check_size=False)) == 0  # undilated: none
+
+
+def test_centre_taps_save_the_work_on_a_two_by_two_grid():
+    """The short path runs: a 3 x 3 conv with dilation 2 on 2 x 2 uses only its centre weights."""
+    conv = torch.nn.Conv2d(4, 5, 3, padding=2, dilation=2)
+    assert use_centre_taps(torch.nn.Sequential(conv)) == 1 and isinstance(conv, CentreTapConv2d)
+    x = torch.randn(2, 4, 2, 2)
+    with torch.no_grad():
+        conv.weight[:, :, 0, 0] = float("nan")  # an off-centre tap: must never be read on 2 x 2
+        assert torch.isfinite(conv(x)).all()
+        assert not torch.isfinite(conv(torch.randn(2, 4, 3, 3))).all()  # 3 x 3: the full kernel

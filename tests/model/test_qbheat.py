@@ -237,6 +237,35 @@ def test_norm_pix_off_scores_raw_pixels():
     assert out.rec.item() == pytest.approx((out.pred - images).pow(2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("spec", [RESNET_OS16, VIT], ids=["resnet_os16", "vit"])
+def test_heat_dim_projects_the_grid_and_everything_after_works_on_it(spec):
+    """heat_dim: A and B are heat_dim wide, the heat loss and the predictor see P z, all train."""
+    model = _model(spec, init="random", heat_dim=6, heat_weight=0.3, commute_weight=0.5)
+    size, width = spec[1], model.backbone.num_features
+    assert model.predictor.operators.A.shape == (6, 6) and model.heat_loss.operators is (
+        model.predictor.operators
+    )
+    assert model.project.weight.shape == (6, width, 1, 1)
+    images, q = _images(4, size), torch.tensor([0, 1, 2, 3])
+    out = model(images, q)
+    assert out.block.shape[1] == width  # the encoder's own grid (the online probe reads it)
+    with torch.no_grad():
+        z = model.project(model.backbone(crop_quadrant(images, q), quadrant=q))
+        heat = HeatLoss(operators=model.predictor.operators)(z)
+        pred = model.decoder(model.predictor(z, q))
+    assert out.heat.item() == pytest.approx(heat.item(), rel=1e-4)
+    assert torch.allclose(out.pred, pred, atol=1e-5)
+    out.loss.backward()
+    for name in ("project.weight", "predictor.operators.A", "decoder.layers.0.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    plain = _model(spec)
+    assert isinstance(plain.project, torch.nn.Identity)
+    assert plain.predictor.operators.A.shape == (width, width)
+    with pytest.raises(ArgumentError, match="heat_dim=0"):
+        _model(spec, heat_dim=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -1,0 +1,42 @@
+"""scripts/bench_flops.py: exact FLOP budgets whose parts add up to the whole QB-Heat step."""
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+from tests.helpers import SCRIPTS
+
+sys.path.insert(0, str(SCRIPTS))
+import bench_flops
+
+
+def test_grouped_convolution_backward_costs_twice_its_forward():
+    """torch's own formula counts a depthwise conv's weight gradient 64x; ours does not."""
+    for groups in (1, 8, 64):
+        conv = nn.Conv2d(64, 64, 3, padding=1, groups=groups)
+        x = torch.randn(2, 64, 8, 8, requires_grad=True)
+        forward = bench_flops.count(lambda conv=conv, x=x: conv(x))
+        assert forward == 2 * 2 * 64 * 8 * 8 * (64 // groups) * 9
+        both = bench_flops.count(lambda conv=conv, x=x: conv(x).sum().backward())
+        assert both == 3 * forward, groups
+
+
+def test_budget_parts_add_up_and_the_projection_shrinks_the_heat_parts(tmp_path):
+    out = tmp_path / "flops.json"
+    assert bench_flops.main(["--recipes", "demo", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["check_sum_equals_step"] == {"forward": True, "forward_backward": True}
+    parts = row["parts"]
+    assert parts["encoder"]["forward"] > 0 and parts["loss"]["forward"] == 0
+    assert parts["projection"]["forward"] == 0  # heat.dim null: no projection
+    assert row["full_standard"]["forward"] > 0 and row["ratio_standard"]["forward"] > 0
+
+    small = tmp_path / "small.json"
+    bench_flops.main(["--recipes", "demo", "--override", "heat.dim=32", "--out", str(small)])
+    (projected,) = json.loads(small.read_text())["rows"]
+    assert projected["check_sum_equals_step"]["forward_backward"]
+    assert projected["parts"]["projection"]["forward"] > 0
+    for part in ("predictor", "heat_loss", "decoder"):
+        assert projected["parts"][part]["forward"] < parts[part]["forward"], part
