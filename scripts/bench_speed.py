@@ -167,14 +167,14 @@ def summarize(times: list[float], batch: int) -> dict[str, float]:
 
 
 def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
-    """Time the three variants of one model in interleaved rounds."""
+    """Time the four variants of one model in interleaved rounds."""
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, spec.image_size, spec.image_size)
     backbones = {v: spec.build(standard=v == "full_standard") for v in VARIANTS}
     extra = {**spec.qbheat_kwargs, **args.qbheat_kwargs}
-    qb_heat = QBHeat(backbones["qbheat"], step=args.step, heat_weight=0.1, **extra).train()
-    qb_noheat = QBHeat(backbones["qbheat_noheat"], step=args.step, heat_weight=0.0, **extra)
-    qb_noheat.train()
+    base = {"step": args.step, "heat_weight": 0.1, **extra}
+    qb_heat = QBHeat(backbones["qbheat"], **base).train()
+    qb_noheat = QBHeat(backbones["qbheat_noheat"], **{**base, "heat_weight": 0.0}).train()
     full = backbones["full_image"].train()
     steps: dict[str, Callable[[], float]] = {
         "qbheat": qbheat_step_fn(qb_heat, images, args.fused_adamw),

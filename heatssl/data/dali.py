@@ -312,6 +312,7 @@ class DaliLoader:
             seed=self.seed,
             prefetch_queue_depth=self.prefetch,
         )
+        _LIVE_PIPELINES.add(pipe)  # before build: a pipeline whose build fails has threads too
         with pipe:
             encoded = fn.external_source(
                 source=self._feed, batch=True, dtype=types.UINT8, ndim=1, name="encoded"
@@ -350,7 +351,6 @@ class DaliLoader:
             )
             pipe.set_outputs(images)
         pipe.build()
-        _LIVE_PIPELINES.add(pipe)
         return pipe
 
     def _pipeline(self) -> Any:
