@@ -220,6 +220,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     picture_every_n_epochs: int = 1
     checkpoint_every_n_epochs: int = 1
+    keep_checkpoints: int = 2  # epoch checkpoints kept besides last.ckpt (the newest); -1: all
     checkpoint_every_n_steps: int = 0  # also refresh last.ckpt every N steps, mid-epoch (0: off)
     checkpoint_every_n_minutes: float = 30.0  # and every N minutes of training (0: off)
     progress_bar: bool = True
@@ -229,6 +230,12 @@ class TrainerConfig:
         """Counts are positive; the mid-epoch checkpoint triggers are >= 0 (0 turns one off)."""
         _positive("trainer", self, "max_epochs", "num_nodes", "accumulate_grad_batches")
         _not_negative("trainer", self, "checkpoint_every_n_steps", "checkpoint_every_n_minutes")
+        _must(
+            self.keep_checkpoints >= -1,
+            "trainer.keep_checkpoints",
+            self.keep_checkpoints,
+            ">= 0 (how many epoch checkpoints to keep besides last.ckpt) or -1 (all)",
+        )
 
 
 @dataclass

@@ -28,6 +28,7 @@ def tiny_settings(run_dir) -> list[str]:
         "data.num_workers=0",
         "decoder.width=16",
         "trainer.max_epochs=1",
+        "trainer.keep_checkpoints=-1",  # the tests look at epoch checkpoints (the demo keeps none)
         "trainer.progress_bar=false",
         "trainer.log_every_n_steps=1",
     ]

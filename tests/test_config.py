@@ -54,6 +54,7 @@ def test_dict_source_round_trip():
         ("data.image_size=0", "must be positive"),
         ("heat.heat_weight=-1", "must be >= 0"),
         ("heat.dim=0", "heat.dim=0 must be null .* or positive"),
+        ("trainer.keep_checkpoints=-2", "keep_checkpoints=-2 must be >= 0 .* or -1 .all."),
         ("data.name=imagefolder", "needs data.root"),
         ("trainer.max_epochs", "key=value"),
         ("model.output_stride=12", "model.output_stride=12 is not allowed. Allowed values: null"),

@@ -120,17 +120,23 @@ class SparseTimeCheckpoint(ModelCheckpoint):
 
 
 def _checkpoint_callbacks(cfg: Config, run_dir: Path) -> list[L.Callback]:
-    """One per epoch interval (kept) plus mid-epoch triggers that only refresh ``last.ckpt``."""
+    """One per epoch interval (the newest ``trainer.keep_checkpoints`` kept) plus mid-epoch
+    triggers that only refresh ``last.ckpt``."""
     t = cfg.trainer
     folder = checkpoint_dir(run_dir)
+    # Lightning ranks checkpoints by a monitored value; "epoch" (always available) with mode
+    # "max" keeps the newest ones and deletes older epoch files as new ones are written.
+    keep = t.keep_checkpoints
+    newest = {"monitor": "epoch", "mode": "max"} if keep > 0 else {}
     epochs = ModelCheckpoint(
         dirpath=folder,
         filename="epoch{epoch:03d}",
         auto_insert_metric_name=False,
         every_n_epochs=max(1, t.checkpoint_every_n_epochs),
-        save_top_k=-1,
+        save_top_k=keep,
         save_last=True,
         enable_version_counter=False,  # every trigger below refreshes the same last.ckpt
+        **newest,
     )
     # Mid-epoch: only last.ckpt is refreshed (save_top_k=0), so --resume loses at most that much.
     last_only = {"dirpath": folder, "save_top_k": 0, "save_last": True}

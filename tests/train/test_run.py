@@ -39,6 +39,23 @@ def test_pretrain_writes_a_complete_run_folder(tiny_overrides):
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.parametrize(("keep", "kept"), [(1, ["epoch002.ckpt"]), (0, []), (2, None)])
+def test_only_the_newest_epoch_checkpoints_are_kept(tiny_overrides, keep, kept):
+    """trainer.keep_checkpoints: older epoch files go as newer ones come; last.ckpt stays."""
+    overrides = [*tiny_overrides, "trainer.max_epochs=3", f"trainer.keep_checkpoints={keep}"]
+    if kept is None:  # resuming keeps counting the files the first part wrote
+        run.pretrain(load_config("demo", [*overrides, "trainer.max_epochs=2"]))
+        result = run.pretrain(load_config("demo", overrides), resume="last")
+        kept = ["epoch001.ckpt", "epoch002.ckpt"]
+    else:
+        result = run.pretrain(load_config("demo", overrides))
+    files = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert files == sorted([*kept, "last.ckpt"])
+    last = safe_torch_load(result.run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == result.global_step  # the newest state is never deleted
+    assert load_config("demo").trainer.keep_checkpoints == 0  # the demo keeps only last.ckpt
+
+
 def test_resume_continues_the_step_count(tiny_overrides):
     first = run.pretrain(load_config("demo", tiny_overrides))
     resumed = run.pretrain(
