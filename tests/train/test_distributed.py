@@ -30,6 +30,7 @@ def _overrides(run_dir: Path, batch: int, devices: int) -> list[str]:
         "data.num_workers=0",
         "optim.base_lr=0.01",
         "trainer.max_epochs=3",
+        "trainer.keep_checkpoints=-1",  # epoch000.ckpt is compared and resumed from below
         f"trainer.devices={devices}",
         f"trainer.strategy={'ddp' if devices > 1 else 'auto'}",
     ]
