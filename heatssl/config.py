@@ -87,9 +87,8 @@ class HeatConfig:
     predictor: PredictorKind = "heat"
     step: StepRule = "normalized"  # chosen by the ablation (docs/benchmarks.md)
     init: InitRule = "zeros"
-    dim: int | None = (
-        None  # channels of A and B: null = the backbone's; an int adds a 1x1 projection
-    )
+    # channels of A and B: null = the backbone's own; a number adds a learned 1x1 projection
+    dim: int | None = None
     quadrant: QuadrantChoice = "random"
     heat_weight: float = 0.1
     commute_weight: float = 1e-3

@@ -14,8 +14,7 @@ same batch and image size:
   full image: forward to the same stage's feature grid, a trivial loss ``grid.pow(2).mean()``,
   backward and an AdamW step over the backbone's parameters; ``full_standard`` the same with the
   backbone as timm builds it by default (no dilation: what a full-image method would train). The
-  speedup is
-  ``img/s(qbheat) / img/s(full_image)`` (target: at least 2.5x; the encoder sees a quarter of the
+  speedup is ``img/s(qbheat) / img/s(full_image)`` (target: at least 2.5x; the encoder sees a quarter of the
   pixels, so the limit is near 4x).
 
 The four variants are timed in interleaved rounds (a few steps of each, in a rotating order) so
