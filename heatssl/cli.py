@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(the newest of last.ckpt and SLURM requeue checkpoints; start afresh if none)",
     )
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="train even if another live heatssl process holds the run folder's run.lock",
+    )
+    p.add_argument(
         "--benchmark-loader",
         type=int,
         nargs="?",
@@ -208,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     except HeatSSLError as err:
         print(f"heatssl: {err.label}: {err}", file=sys.stderr)
         return err.exit_code
+    except (
+        KeyboardInterrupt
+    ):  # outside training (which saves and stops on its own): nothing to keep
+        print("heatssl: stopped: Ctrl-C before anything was saved.", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -238,7 +248,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "pretrain":
-        result = pretraining.pretrain(cfg, resume=args.resume)
+        result = pretraining.pretrain(cfg, resume=args.resume, force=args.force)
         if result.is_global_zero:
             print(
                 f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}"

@@ -45,6 +45,10 @@ class CheckpointError(HeatSSLError):
     """A file that cannot be used as a checkpoint, export or probe head, and why."""
 
 
+class DiskFullError(HeatSSLError):
+    """A checkpoint did not fit on its file system; the previous one is intact."""
+
+
 class NonFiniteLossError(HeatSSLError):
     """The training loss became NaN or infinite; no weight was updated with it."""
 

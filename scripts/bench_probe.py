@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from benchlib import machine
 
 from heatssl.config import load_config
@@ -67,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="bench_results/probe_quality.json")
     p.add_argument("--runs", default="bench_results/runs", help="run folders of the variants")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="probe a variant's existing last.ckpt instead of pretraining again (refused when the "
+        "run folder's config differs from the one this command would train)",
+    )
     p.add_argument(
         "overrides", nargs="*", help="key=value overrides for every run (a variant's own win)"
     )
@@ -120,6 +127,48 @@ def _probe_entry(result: probing.ProbeResult) -> dict[str, Any]:
     return {"probes": entry, "speed": speed, "out_dir": str(result.out_dir)}
 
 
+# Keys a reused run may differ in: how it was probed, shown or pruned, not what was trained.
+_REUSE_IGNORED = ("probe.", "trainer.progress_bar", "trainer.keep_checkpoints")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def reusable(cfg: Any) -> tuple[Path, list[str]] | None:
+    """The run's ``last.ckpt`` and the keys added since it ran, if it trained exactly ``cfg``.
+
+    ``None`` when there is no checkpoint. A key whose value differs raises ``SystemExit``, naming it:
+    a figure probed from another configuration must not be reported under this variant's name. Keys
+    the saved config lacks (added to heatssl after the run) are returned so the JSON records them.
+    """
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    saved_path = run_dir / "config.yaml"
+    if not ckpt.is_file() or not saved_path.is_file():
+        return None
+    saved = _flat(yaml.safe_load(saved_path.read_text()))
+    wanted = _flat(cfg.to_dict())
+    ignored = [k for k in wanted if k.startswith(_REUSE_IGNORED)]
+    differ = [
+        f"{k}: ran {saved[k]!r}, wanted {wanted[k]!r}"
+        for k in wanted
+        if k in saved and k not in ignored and saved[k] != wanted[k]
+    ]
+    if differ:
+        raise SystemExit(
+            f"--reuse: {run_dir} was trained with another configuration ({'; '.join(differ)}); "
+            "drop --reuse to pretrain again, or point --runs elsewhere"
+        )
+    return ckpt, sorted(k for k in wanted if k not in saved and k not in ignored)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Pretrain and probe every variant; print and save the table."""
     args = parse_args(argv)
@@ -149,14 +198,23 @@ def main(argv: list[str] | None = None) -> int:
     for variant in [*args.variants, *args.custom_variants]:
         cfg = _cfg(args, variant)
         start = time.perf_counter()
-        pre = run.pretrain(cfg)
-        result = probing.probe(str(pre.last_checkpoint), _probe_cfg(args, cfg))
+        reused = reusable(cfg) if args.reuse else None
+        if reused is not None:
+            ckpt, added = reused
+            result = probing.probe(str(ckpt), _probe_cfg(args, cfg))
+            pretrain = {"reused": str(ckpt), "keys_added_since": added, "pretrain_seconds": 0.0}
+        else:
+            pre = run.pretrain(cfg)
+            result = probing.probe(str(pre.last_checkpoint), _probe_cfg(args, cfg))
+            pretrain = {
+                "pretrain_seconds": pre.seconds,
+                "pretrain_steps": pre.global_step,
+                "images_seen": pre.global_step * cfg.data.batch_size,
+            }
         report["results"][variant] = {
             **_probe_entry(result),
             "overrides": _overrides(args, variant),
-            "pretrain_seconds": pre.seconds,
-            "pretrain_steps": pre.global_step,
-            "images_seen": pre.global_step * cfg.data.batch_size,
+            **pretrain,
             "total_seconds": time.perf_counter() - start,
         }
         save()
@@ -168,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
 def table(report: dict[str, Any]) -> str:
     """Markdown table: top-1 per probe and pretraining minutes per variant."""
     results = report["results"]
-    minutes = [f"{r['pretrain_seconds'] / 60:.1f}" for r in results.values()]
+    minutes = [
+        "reused" if "reused" in r else f"{r['pretrain_seconds'] / 60:.1f}" for r in results.values()
+    ]
     probes = {name: r["probes"] for name, r in results.items()}
     return top1_table(probes, report["args"]["kinds"], "variant", {"pretrain min": minutes})
 

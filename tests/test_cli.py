@@ -3,6 +3,8 @@
 import yaml
 
 from heatssl.cli import main
+from heatssl.model.heads import LinearHead
+from heatssl.probing.head_files import save_head
 
 
 def test_pretrain_then_export(tiny_overrides, tmp_path, capsys):
@@ -73,3 +75,64 @@ def test_bad_inputs_stop_before_training(tiny_overrides, tmp_path, capsys):
     assert "broken.yaml, line" in err and "not valid YAML" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1  # one line, no trace
     assert not (run_dir / "checkpoints").exists()  # nothing started
+
+
+def _one_line(args, capsys):
+    """The error of a command that must stop with exit code 2 and one line, no traceback."""
+    err = _fails(args, capsys)
+    assert err.startswith("heatssl: error: ") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and "--trust-checkpoint" not in err
+    return err
+
+
+def test_damaged_or_wrong_files_end_in_one_line_for_export_probe_and_heatmaps(
+    tiny_overrides, tmp_path, capsys
+):
+    assert main(["pretrain", "-c", "demo", *tiny_overrides]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    export = tmp_path / "b.safetensors"
+    assert main(["export", str(ckpt), "-o", str(export)]) == 0
+    head = save_head(LinearHead(8, 2), tmp_path / "linear_head.safetensors", ["a", "b"])
+    capsys.readouterr()
+    files = {
+        "trunc.ckpt": ckpt.read_bytes()[:100_000],
+        "empty.ckpt": b"",
+        "text.ckpt": b"hello\n",
+        "renamed.ckpt": export.read_bytes(),
+        "trunc.safetensors": export.read_bytes()[:5000],
+        "text.safetensors": b"hello\n",
+        "trunc_head.safetensors": head.read_bytes()[:200],
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = ["-o", str(tmp_path / "out")]
+
+    def bad(name):
+        return str(tmp_path / name)
+
+    for command in ("export", "probe"):
+        err = _one_line([command, bad("trunc.ckpt"), *out], capsys)
+        assert "trunc.ckpt is truncated: it ends before its zip directory: 100000 bytes" in err
+        assert "cut short" in err and "Copy it again" in err
+        err = _one_line([command, bad("empty.ckpt"), *out], capsys)
+        assert "empty.ckpt is empty (0 bytes)" in err
+        err = _one_line([command, bad("text.ckpt"), *out], capsys)
+        assert "text.ckpt is not a PyTorch checkpoint: it is a text file (it starts 'hello')" in err
+    err = _one_line(["export", bad("renamed.ckpt"), *out], capsys)
+    assert "renamed.ckpt is not a PyTorch checkpoint but a heatssl backbone export" in err
+    for name in ("trunc.safetensors", "text.safetensors"):
+        err = _one_line(["export", bad(name), *out], capsys)  # export wants the .ckpt
+        assert f"{name} is not a PyTorch checkpoint" in err
+        assert "RUN/checkpoints/last.ckpt" in err
+    err = _one_line(["probe", bad("trunc.safetensors"), *out], capsys)
+    assert "trunc.safetensors is truncated: it ends after 5000 of the" in err
+    assert "heatssl backbone export" in err
+    err = _one_line(["probe", bad("text.safetensors"), *out], capsys)
+    assert "is not a readable safetensors file: it is a text file" in err
+    for name in ("trunc.ckpt", "trunc.safetensors"):  # a damaged backbone source
+        err = _one_line(["heatmaps", bad(name), "--head", str(head), *out], capsys)
+        assert f"{name} is truncated" in err
+    err = _one_line(["heatmaps", str(ckpt), "--head", bad("trunc_head.safetensors"), *out], capsys)
+    assert "trunc_head.safetensors is truncated: it ends after 200 of the" in err
+    assert "probe head" in err
+    assert not (tmp_path / "out").exists()  # nothing was written

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from typing import Any
 
 import lightning as L
@@ -19,7 +20,7 @@ from heatssl.config import DataConfig
 from heatssl.data.datasets import SPLITS, ImageFiles, collate_batch, torchvision_split
 from heatssl.data.sampler import EpochSampler, seed_worker
 from heatssl.data.transforms import build_transform
-from heatssl.errors import ArgumentError, ConfigError
+from heatssl.errors import ArgumentError, CheckpointError, ConfigError
 
 
 class HeatDataModule(L.LightningDataModule):
@@ -82,7 +83,8 @@ class HeatDataModule(L.LightningDataModule):
 
     # ----- resuming mid-epoch ----------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
-        """Saved in every checkpoint: the epoch and how many of its batches were trained on."""
+        """Saved in every checkpoint: the epoch, how many of its batches were trained on, and what
+        the order depends on (training images, processes, batch size per process)."""
         trainer = self.trainer
         if trainer is None:
             return {}
@@ -90,11 +92,55 @@ class HeatDataModule(L.LightningDataModule):
         epoch = trainer.current_epoch
         if done >= trainer.num_training_batches:  # an end-of-epoch checkpoint: next epoch, start
             epoch, done = epoch + 1, 0
-        return {"epoch": epoch, "batches_done": done}
+        return {
+            "epoch": epoch,
+            "batches_done": done,
+            "train_images": len(self.train_dataset),
+            "world_size": trainer.world_size,
+            "batch_size": self.cfg.batch_size,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Restored by ``--resume`` before the loaders exist; the train loader starts there."""
         self._resume = dict(state_dict) if state_dict else None
+
+    def _check_resume(self, saved: dict[str, int], images: int, world: int) -> None:
+        """Refuse a mid-epoch resume whose order changed; at an epoch start, say what changed.
+
+        The rest of an epoch is found by skipping the batches already trained on in the (seed,
+        epoch) order of *these* images over *these* processes; with another count the skip would
+        land on other images. An epoch-end checkpoint has nothing to skip: the run goes on with the
+        new data (Lightning recomputes the learning-rate schedule for the new steps per epoch).
+        """
+        now = {"train_images": images, "world_size": world, "batch_size": self.cfg.batch_size}
+        words = {
+            "train_images": "training images",
+            "world_size": "processes (trainer.devices x trainer.num_nodes)",
+            "batch_size": "data.batch_size",
+        }
+        changed = [
+            f"{words[k]}: {saved[k]} in the checkpoint, {now[k]} now"
+            for k in now
+            if k in saved and saved[k] != now[k]  # checkpoints before this check lack the keys
+        ]
+        if not changed:
+            return
+        what = "; ".join(changed)
+        if saved.get("batches_done"):
+            raise CheckpointError(
+                f"--resume: the checkpoint stopped in the middle of epoch {saved['epoch']} "
+                f"({saved['batches_done']} batches in) and the data order changed ({what}), so the "
+                f"rest of that epoch cannot be found. Resume from an epoch checkpoint instead "
+                f"(--resume RUN/checkpoints/epochNNN.ckpt), or with the same data, batch size and "
+                f"number of processes."
+            )
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(
+                f"heatssl: resuming at the start of epoch {saved['epoch']} with changed data "
+                f"({what}): the coming epochs use the new order, and the learning-rate schedule "
+                f"is recomputed for the new steps per epoch.",
+                file=sys.stderr,
+            )
 
     # ----- loaders --------------------------------------------------------------------------
     @property
@@ -113,6 +159,7 @@ class HeatDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         sampler = EpochSampler(len(dataset), self.seed, shuffle=train, rank=rank, world=world)
         if train and self._resume:
+            self._check_resume(self._resume, len(dataset), world)
             sampler.set_epoch(self._resume["epoch"])
             sampler.skip_next(self._resume["batches_done"] * self.cfg.batch_size)
             self._resume = None

@@ -55,11 +55,14 @@ class EpochSampler(Sampler[int]):
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and ``random`` in each loader worker from torch's per-worker seed (itself seeded).
 
-    Workers also ignore SIGUSR1: SLURM sends the preemption signal to every process of a job step,
-    and only the training process should act on it (by default the signal would kill the worker).
+    Workers also ignore SIGUSR1, SIGINT and SIGTERM: SLURM sends its signals to every process of a
+    job step and a terminal's Ctrl-C reaches the whole process group, but only the training process
+    should act on them (it saves and stops; a worker killed by one would end the run at once). A
+    worker still ends when the training process does.
     """
-    if hasattr(signal, "SIGUSR1"):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for name in ("SIGUSR1", "SIGINT", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from heatssl.errors import ArgumentError, CheckpointError
-from heatssl.model.export import safetensors_metadata
+from heatssl.model.export import EXPORT_FORMAT, safetensors_metadata, safetensors_tensors
 from heatssl.model.heads import LinearHead, Tran1Head
 
 HEAD_FORMAT = "heatssl-head-v1"
@@ -44,23 +44,51 @@ def load_head(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dic
 
     With ``kind`` ("linear" or "tran1") a head of another kind is refused.
     """
-    raw = safetensors_metadata(path, "a probe head from `heatssl probe`").get("heatssl")
-    info = json.loads(raw) if raw else {}
-    if info.get("format") != HEAD_FORMAT:
+    what = "a probe head from `heatssl probe`"
+    fix = "`heatssl probe` writes one (RUN/probe/<kind>_head.safetensors)."
+    meta = safetensors_metadata(path, what, fix)
+    try:
+        info = json.loads(meta.get("heatssl") or "{}")
+    except ValueError:
+        info = None
+    if not isinstance(info, dict) or info.get("format") != HEAD_FORMAT:
+        export = meta.get("format") == EXPORT_FORMAT
         raise CheckpointError(
-            f"{path} is not a heatssl probe head (write one with `heatssl probe`)."
+            f"{path} is not a heatssl probe head"
+            + (": it is a backbone export (give it as the backbone SOURCE)" if export else "")
+            + " (write one with `heatssl probe`)."
+        )
+    need = ["kind", "class_names", "in_dim", "num_classes"]
+    need += ["tokens", "heads"] if info.get("kind") == "tran1" else []
+    missing = [k for k in need if k not in info]
+    if missing or info["kind"] not in ("linear", "tran1"):
+        raise CheckpointError(
+            f"{path} is a probe head with incomplete metadata (missing {missing} or an unknown "
+            f"kind={info.get('kind')!r}). {fix}"
         )
     if kind is not None and info["kind"] != kind:
         raise CheckpointError(
             f"{path} is a {info['kind']} head; this needs the {kind} probe head "
             f"({kind}_head.safetensors in the probe folder)."
         )
-    c = info["num_classes"]
-    if info["kind"] == "linear":
-        head: nn.Module = LinearHead(info["in_dim"], c)
-    else:
-        head = Tran1Head(info["in_dim"], c, tokens=info["tokens"], heads=info["heads"])
-    head.load_state_dict(load_file(str(path)))
+    try:
+        c = info["num_classes"]
+        if info["kind"] == "linear":
+            head: nn.Module = LinearHead(info["in_dim"], c)
+        else:
+            head = Tran1Head(info["in_dim"], c, tokens=info["tokens"], heads=info["heads"])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path} is a probe head with malformed metadata ({err}). {fix}"
+        ) from err
+    try:
+        head.load_state_dict(safetensors_tensors(path, what, fix))
+    except RuntimeError as err:  # tensors that do not fit the sizes in the metadata
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise CheckpointError(
+            f"{path}: its tensors do not fit the {info['kind']} head its metadata describes "
+            f"(in_dim={info['in_dim']}, num_classes={c}): {lines[0] if lines else err}. {fix}"
+        ) from err
     return head.eval(), info
 
 

@@ -1,13 +1,15 @@
 """Pretraining runs as the CLI and scripts call them: pretrain, resume, export, read a checkpoint.
 
 A run folder holds ``config.yaml`` (the resolved config: rerun with ``heatssl pretrain -c`` on it),
-``checkpoints/`` (``last.ckpt`` plus one per epoch), ``pictures/`` and ``metrics.csv``.
+``checkpoints/`` (``last.ckpt`` plus the newest epoch checkpoints), ``pictures/``, ``metrics.csv`` and,
+while a run trains in it, ``run.lock`` (:mod:`heatssl.train.lock`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from heatssl.model.backbone import Backbone
 from heatssl.model.export import export_backbone
 from heatssl.train.build import scale_line
 from heatssl.train.checkpoint import pickle_trusted, safe_torch_load
+from heatssl.train.lock import RunLock
 from heatssl.train.module import HeatPretrainModule, drop_pruned_layers
 from heatssl.train.trainer import build_trainer, checkpoint_dir
 
@@ -111,15 +114,36 @@ def agreed_resume(cfg: Config, resume: str | None, trainer: L.Trainer) -> str | 
 
 
 def pretrain(
-    cfg: Config, resume: str | None = None, callbacks: list[L.Callback] | None = None
+    cfg: Config,
+    resume: str | None = None,
+    callbacks: list[L.Callback] | None = None,
+    force: bool = False,
 ) -> PretrainResult:
     """Pretrain with QB-Heat as ``cfg`` says; write the run folder; return where things are.
 
     ``callbacks`` are extra Lightning callbacks (monitors, custom logging) added to the Trainer.
+    The run folder is locked for the run (:class:`~heatssl.train.lock.RunLock`): a second run in
+    it is refused while this one lives, unless ``force``.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks)
+    lock = RunLock(run_dir, force=force) if trainer.is_global_zero else None
+    if lock is not None:
+        lock.acquire()
+        if lock.note:
+            print(f"heatssl: {lock.note}", file=sys.stderr)
+    try:
+        return _pretrain_locked(cfg, resume, trainer, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain_locked(
+    cfg: Config, resume: str | None, trainer: L.Trainer, run_dir: Path
+) -> PretrainResult:
+    """:func:`pretrain` once the run folder is this process's."""
     inherited = RESUME_ENV in os.environ
     ckpt_path = agreed_resume(cfg, resume, trainer)  # a missing checkpoint stops here, early
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
@@ -163,27 +187,42 @@ def benchmark_loader(cfg: Config, batches: int = 50, warmup: int = 5) -> dict[st
     )
 
 
-def _read_checkpoint(path: str | Path) -> tuple[Config, dict, int | None]:
-    """Config, state dict and class count of a pretraining checkpoint (loaded safely, weights only)."""
+def _read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[Config, dict, int | None]:
+    """Config, state dict and class count of a pretraining checkpoint (loaded safely, weights only).
+
+    ``mmap=True`` maps the tensors instead of reading them (for the config alone).
+    """
     if not Path(path).is_file():
         raise CheckpointError(
             f"Checkpoint {path} does not exist. Give a .ckpt file from `heatssl pretrain` "
             f"(RUN/checkpoints/last.ckpt)."
         )
-    ckpt = safe_torch_load(path)
-    try:
-        hp = ckpt["hyper_parameters"]
-        return load_config(hp["config"]), ckpt["state_dict"], hp.get("num_classes")
-    except (KeyError, TypeError) as err:
+    ckpt = safe_torch_load(path, mmap=mmap)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    config = hp.get("config") if isinstance(hp, dict) else None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        if isinstance(ckpt, dict) and ckpt and all(hasattr(v, "shape") for v in ckpt.values()):
+            held = f"a bare state dict of {len(ckpt)} tensors"
+        elif isinstance(ckpt, dict):
+            held = f"keys {sorted(map(str, ckpt))[:6]}"
+        else:
+            held = f"a {type(ckpt).__name__}"
         raise CheckpointError(
-            f"{path} is not a heatssl pretraining checkpoint (no hyper_parameters.config). "
-            f"Give a checkpoint from `heatssl pretrain` (RUN/checkpoints/last.ckpt)."
-        ) from err
+            f"{path} is a PyTorch checkpoint but not a heatssl pretraining checkpoint (no "
+            f"hyper_parameters.config and state_dict; it holds {held}). Give a checkpoint from "
+            f"`heatssl pretrain` (RUN/checkpoints/last.ckpt)."
+        )
+    try:
+        cfg = load_config(config)
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: the run config stored in it cannot be used: {err}") from err
+    return cfg, state, hp.get("num_classes")
 
 
 def load_checkpoint_config(path: str | Path) -> Config:
-    """The run config stored inside a pretraining checkpoint."""
-    return _read_checkpoint(path)[0]
+    """The run config stored inside a pretraining checkpoint (its tensors are mapped, not read)."""
+    return _read_checkpoint(path, mmap=True)[0]
 
 
 def module_from_checkpoint(path: str | Path) -> HeatPretrainModule:
@@ -191,7 +230,27 @@ def module_from_checkpoint(path: str | Path) -> HeatPretrainModule:
     cfg, state, num_classes = _read_checkpoint(path)
     cfg.model.pretrained = False  # the weights come from the checkpoint, never from a download
     module = HeatPretrainModule(cfg, num_classes=num_classes)
-    module.load_state_dict(drop_pruned_layers(module, state))
+    state = drop_pruned_layers(module, state)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        model = f"{cfg.model.backbone} {dict(cfg.model.kwargs)}".removesuffix(" {}")
+        example = (
+            f"{reshaped[0]}: file {list(state[reshaped[0]].shape)}, {model} "
+            f"{list(own[reshaped[0]].shape)}"
+            if reshaped
+            else (missing or unexpected)[0]
+        )
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its config describes (model.backbone="
+            f"{model}, decoder.width={cfg.decoder.width}): {len(reshaped)} tensors of another "
+            f"shape, {len(missing)} missing, {len(unexpected)} unexpected (e.g. {example}); they "
+            f"come from another architecture (a state dict swapped in, or an edited file). Give "
+            f"the checkpoint as `heatssl pretrain` wrote it (RUN/checkpoints/last.ckpt)."
+        )
+    module.load_state_dict(state)
     return module.eval()
 
 

@@ -22,7 +22,7 @@ from heatssl.errors import ConfigError
 from heatssl.train.build import scale_line
 from heatssl.train.callbacks import BadImageReport, ReconstructionPictures, batches_seen
 from heatssl.train.checkpoint import AtomicCheckpointIO
-from heatssl.train.preemption import PreemptionCheckpoint
+from heatssl.train.preemption import SignalCheckpoint
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -174,7 +174,7 @@ def build_trainer(
         *_checkpoint_callbacks(cfg, run_dir),
         BadImageReport(run_dir / "bad_images.txt"),
         ReconstructionPictures(run_dir / "pictures", t.picture_every_n_epochs),
-        PreemptionCheckpoint(checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps),
+        SignalCheckpoint(checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps),
     ]
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():

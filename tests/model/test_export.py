@@ -3,11 +3,17 @@
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from heatssl.errors import CheckpointError
 from heatssl.model.backbone import Backbone
-from heatssl.model.export import export_backbone, load_exported_backbone, read_export_metadata
+from heatssl.model.export import (
+    describe_file,
+    export_backbone,
+    load_exported_backbone,
+    read_export_metadata,
+)
 
 
 @pytest.mark.parametrize(
@@ -65,3 +71,54 @@ def test_a_pruned_backbone_exports_to_the_full_timm_model(tmp_path):
         ours = load_exported_backbone(path, image_size=128).eval()(x)
     torch.testing.assert_close(theirs[0], ours)
     assert meta["stage"] == backbone.stage
+
+
+def test_a_cut_or_empty_export_is_refused_as_truncated(tmp_path):
+    good = export_backbone(Backbone("test_resnet", image_size=128), tmp_path / "b.safetensors")
+    data = good.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    for cut in (40, header_end + 100, len(data) - 1):  # inside the header, early data, last byte
+        cut_file = tmp_path / "cut.safetensors"
+        cut_file.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as caught:
+            load_exported_backbone(cut_file)
+        message = str(caught.value)
+        assert f"cut.safetensors is truncated: it ends after {cut} of the " in message
+        assert "cut short" in message and "heatssl export" in message
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty \(0 bytes\).*heatssl export"):
+        read_export_metadata(tmp_path / "empty.safetensors")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ckpt.safetensors")  # torch.save, wrong name
+    with pytest.raises(CheckpointError, match=r"it is a PyTorch checkpoint \(torch.save\)"):
+        read_export_metadata(tmp_path / "ckpt.safetensors")
+
+
+def test_an_export_whose_weights_are_of_another_architecture_is_refused(tmp_path):
+    resnet = export_backbone(Backbone("test_resnet", image_size=128), tmp_path / "r.safetensors")
+    vit = export_backbone(Backbone("test_vit", image_size=64), tmp_path / "v.safetensors")
+    with safe_open(str(resnet), framework="pt") as f:
+        resnet_meta = f.metadata()
+    save_file(load_file(str(vit)), str(tmp_path / "mixed.safetensors"), metadata=resnet_meta)
+    with pytest.raises(CheckpointError) as caught:
+        load_exported_backbone(tmp_path / "mixed.safetensors")
+    message = str(caught.value)
+    assert "mixed.safetensors: its weights do not fit the model its metadata names" in message
+    assert "(test_resnet with " in message and "missing" in message
+    assert "another architecture" in message
+
+
+def test_describe_file_names_what_a_wrong_file_is(tmp_path):
+    cases = {
+        "page.bin": (b"<!DOCTYPE html><html>", "an HTML page"),
+        "lfs.bin": (
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:ab",
+            "Git LFS pointer",
+        ),
+        "data.bin": (b"\x00\x01\x02\x03\xfe", "binary data of another format"),
+        "notes.txt": (b"epoch,loss\n0,1.5\n", "a text file (it starts 'epoch,loss')"),
+    }
+    for name, (content, expected) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        assert expected in describe_file(tmp_path / name)
+    export = export_backbone(Backbone("test_resnet", image_size=128), tmp_path / "b.safetensors")
+    assert describe_file(export) == "a heatssl backbone export (safetensors, `heatssl export`)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -92,3 +94,34 @@ def test_load_linear_head_refuses_a_tran1_head(tmp_path):
         save_head(LinearHead(4, 2), tmp_path / "l.safetensors", ["a", "b"])
     )
     assert isinstance(head, LinearHead) and names == ["a", "b"]
+
+
+def test_a_cut_head_is_truncated_and_a_head_with_wrong_contents_is_refused(tmp_path):
+    good = save_head(Tran1Head(16, 3, tokens=4, heads=4), tmp_path / "t.safetensors", list("abc"))
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    for size in (20, len(data) // 2, len(data) - 1):  # in the header, in the tensors, the last byte
+        cut.write_bytes(data[:size])
+        with pytest.raises(CheckpointError) as caught:
+            load_head(cut)
+        message = str(caught.value)
+        assert f"cut.safetensors is truncated: it ends after {size} of the" in message
+        assert "cut short" in message and "`heatssl probe` writes one" in message
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty \(0 bytes\)"):
+        load_head(tmp_path / "empty.safetensors")
+
+    tensors = {k: v.contiguous() for k, v in LinearHead(4, 2).state_dict().items()}
+    info = {"format": "heatssl-head-v1", "kind": "linear", "class_names": ["a", "b"]}
+    save_file(
+        tensors, str(tmp_path / "no_sizes.safetensors"), metadata={"heatssl": json.dumps(info)}
+    )
+    with pytest.raises(CheckpointError, match=r"incomplete metadata \(missing \['in_dim', 'num_"):
+        load_head(tmp_path / "no_sizes.safetensors")
+    info.update(in_dim=8, num_classes=2)  # sizes that the tensors (in_dim 4) do not have
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"heatssl": json.dumps(info)})
+    with pytest.raises(CheckpointError, match=r"tensors do not fit the linear head .*in_dim=8"):
+        load_head(tmp_path / "other.safetensors")
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"heatssl": "{not json"})
+    with pytest.raises(CheckpointError, match="not a heatssl probe head"):
+        load_head(tmp_path / "bad.safetensors")

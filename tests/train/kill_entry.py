@@ -5,7 +5,9 @@ so the lines of a killed process survive). With ``$HEATSSL_HANG_AT_STEP=N`` the 
 ``$HEATSSL_STEP_LOG.hang`` when step N is about to start (so every checkpoint up to step N is on
 disk) and sleeps until the test kills it. With ``$HEATSSL_SIGNAL_AT_STEP=N`` process 0 sends itself
 SIGUSR1 as step N starts (``$HEATSSL_SIGNAL_TARGET=group``: to its whole process group, loader
-workers included), as SLURM does before a time limit. Under several processes each writes its own
+workers included), as SLURM does before a time limit. With ``$HEATSSL_STEP_SLEEP=S`` every step
+first writes its number to ``$HEATSSL_STEP_LOG.sleeping`` and sleeps S seconds (time for a test
+to send a signal at a known point). Under several processes each writes its own
 log, ``$HEATSSL_STEP_LOG.<rank>``. The real CLI and Trainer run; this only watches them.
 """
 
@@ -40,6 +42,9 @@ class StepLog(L.Callback):
         if self.hang_at is not None and trainer.global_step == self.hang_at:
             Path(f"{self.path}.hang").write_text(str(trainer.global_step))
             time.sleep(600)
+        if os.environ.get("HEATSSL_STEP_SLEEP"):
+            Path(f"{self.path}.sleeping").write_text(str(trainer.global_step))
+            time.sleep(float(os.environ["HEATSSL_STEP_SLEEP"]))
         with self.path.open("a") as f:
             f.write(f"{trainer.global_step} {float(batch[0].double().sum()):.6f}\n")
 

@@ -1,18 +1,20 @@
-"""SLURM preemption, for real on the CPU: two processes started as ``srun`` would start them (a faked
-SLURM environment, gloo), a real SIGUSR1, a stand-in ``scontrol`` that records the requeue."""
+"""Signals, for real on the CPU. SLURM preemption: two processes started as ``srun`` would start them
+(a faked SLURM environment, gloo), a real SIGUSR1, a stand-in ``scontrol`` that records the requeue.
+Ctrl-C and SIGTERM: a real signal to a real ``heatssl pretrain`` process group, then ``--resume``."""
 
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from heatssl.train.checkpoint import safe_torch_load
-from tests.helpers import same_on_every_rank
+from tests.helpers import same_on_every_rank, tiny_settings
 
 ENTRY = Path(__file__).with_name("kill_entry.py")
 STEPS = 9  # 48 images, 8 per process and step, 2 processes: 3 steps per epoch, 3 epochs
@@ -132,15 +134,119 @@ def test_sigusr1_saves_every_rank_at_one_step_requeues_and_resumes_to_the_same_w
         assert torch.allclose(final["state_dict"][key].float(), value.float(), atol=1e-5), key
 
 
-def test_a_loader_worker_survives_the_signal_that_would_kill_it():
-    """Without the ignore, SIGUSR1's default action ends a worker (and the run)."""
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGINT", "SIGTERM"])
+def test_a_loader_worker_survives_the_signal_that_would_kill_it(name):
+    """Without the ignore, the signal's default action ends a worker (and the run)."""
     code = (
         "import os, signal, time; from heatssl.data.sampler import seed_worker; seed_worker(0); "
-        "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.1); print('alive')"
+        f"os.kill(os.getpid(), signal.{name}); time.sleep(0.1); print('alive')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "alive"
     bare = subprocess.run(
-        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGUSR1)"]
+        [sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), signal.{name})"],
+        capture_output=True,
     )
-    assert bare.returncode == -signal.SIGUSR1
+    assert bare.returncode != 0
+
+
+def _one_process_run(tmp: Path, run_dir: Path, log: Path, *extra: str, **env: str):
+    """``heatssl pretrain`` in its own session (as a terminal's foreground job), logging steps."""
+    overrides = [
+        *(s for s in tiny_settings(run_dir) if s != "data.num_workers=0"),
+        "data.num_workers=1",  # a loader worker in the process group, as in a real run
+        "data.augment=none",  # no random draw in the transform: checksums compare batches
+        "trainer.max_epochs=2",  # 3 steps per epoch (24 train images, batch 8)
+    ]
+    command = [sys.executable, str(ENTRY), "pretrain", "-c", "demo", *overrides, *extra]
+    full_env = {**os.environ, "HEATSSL_STEP_LOG": str(log), "PYTHONPATH": os.getcwd(), **env}
+    return subprocess.Popen(
+        command,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _checksums(log: Path) -> dict[int, float]:
+    lines = log.read_text().split() if log.exists() else []
+    return {int(s): float(c) for s, c in zip(lines[::2], lines[1::2], strict=True)}
+
+
+@pytest.fixture(scope="module")
+def unbroken_one(tmp_path_factory) -> tuple[dict[int, float], dict[str, torch.Tensor]]:
+    tmp = tmp_path_factory.mktemp("unbroken_one")
+    proc = _one_process_run(tmp, tmp / "run", tmp / "steps.log")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    last = safe_torch_load(tmp / "run" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6
+    return _checksums(tmp / "steps.log"), last["state_dict"]
+
+
+def _wait_for_steps(log: Path, proc: subprocess.Popen, steps: int) -> None:
+    deadline = time.monotonic() + 240
+    while len(_checksums(log)) < steps and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_checksums(log)) >= steps, proc.stderr.read()[-3000:] if proc.poll() else "slow"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_last_stops_and_resume_continues_on_the_same_data(
+    tmp_path, unbroken_one, sig
+):
+    """The signal goes to the whole process group (as Ctrl-C in a terminal; a scheduler's SIGTERM
+    reaches every process too), loader worker included: the run finishes the step in flight, saves
+    ``last.ckpt`` at it, exits 128 + signal with the resume command, and ``--resume`` trains the
+    remaining steps on the unbroken run's batches and ends with its weights."""
+    run_dir, log = tmp_path / "run", tmp_path / "steps.log"
+    proc = _one_process_run(tmp_path, run_dir, log, HEATSSL_STEP_SLEEP="0.4")
+    _wait_for_steps(log, proc, 2)  # step 1 is under way (mid-epoch)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if line.startswith("heatssl: stopped:")]
+    assert len(stopped) == 1 and "saved" in stopped[0]
+    assert f"heatssl pretrain -c {run_dir / 'config.yaml'} --resume" in stopped[0]
+    before = _checksums(log)
+    saved = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == len(before)  # saved right after the last step it trained
+    assert 2 <= len(before) <= 4  # within a step or two of the signal
+
+    resumed_log = tmp_path / "resumed.log"
+    again = _one_process_run(
+        tmp_path, run_dir, resumed_log, "--resume", "-c", str(run_dir / "config.yaml")
+    )
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    after = _checksums(resumed_log)
+    assert sorted(after) == list(range(len(before), 6))  # only the steps the checkpoint lacked
+    reference, weights = unbroken_one
+    assert {**before, **after} == pytest.approx(reference, rel=1e-9)  # same batches, in order
+    final = safe_torch_load(run_dir / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 6
+    for key, value in weights.items():
+        assert torch.allclose(final["state_dict"][key].float(), value.float(), atol=1e-5), key
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    """Two Ctrl-Cs within one (slow) step: no checkpoint is written for it, exit 130, one line."""
+    run_dir, log = tmp_path / "run", tmp_path / "steps.log"
+    proc = _one_process_run(tmp_path, run_dir, log, HEATSSL_STEP_SLEEP="4")
+    sleeping = Path(f"{log}.sleeping")
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if sleeping.exists() and sleeping.read_text() == "1":
+            break  # step 0 trained (nothing saved: mid-epoch); step 1 sleeps 4 s before training
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert "a second time: stopped at once, without saving" in err
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # nothing saved mid-epoch 0

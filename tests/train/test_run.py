@@ -15,7 +15,7 @@ import torch
 
 from heatssl.config import ConfigError, load_config
 from heatssl.data.module import build_datamodule
-from heatssl.errors import ArgumentError, NonFiniteLossError
+from heatssl.errors import ArgumentError, CheckpointError, NonFiniteLossError
 from heatssl.model.export import read_export_metadata
 from heatssl.train import run
 from heatssl.train.checkpoint import safe_torch_load
@@ -272,3 +272,43 @@ def test_a_non_finite_step_is_skipped_on_the_device_until_the_next_read(tiny_ove
     assert after_bad and all(v == weights.sums[bad_step] for v in after_bad)
     assert all(torch.isfinite(torch.tensor(list(weights.sums.values()))))
     assert max(weights.sums) <= bad_step + 3  # stopped at the first read after the bad step
+
+
+class _CrashAt(L.Callback):
+    """Raises as the given step starts (the checkpoint of the step before it is on disk)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash for the test")
+
+
+def test_resume_with_another_dataset_size_is_refused_mid_epoch_and_said_at_an_epoch_start(
+    tiny_overrides, capsys
+):
+    """A mid-epoch checkpoint cannot continue its epoch in another order: refused, naming what
+    changed and the epoch checkpoint to use. An epoch-end checkpoint goes on with the new data and
+    says so. (The same check covers the process count and batch size.)"""
+    two = [*tiny_overrides, "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=1"]
+    cfg = load_config("demo", two)
+    with pytest.raises(RuntimeError, match="crash for the test"):
+        run.pretrain(cfg, callbacks=[_CrashAt(4)])  # 3 steps per epoch: 1 batch into epoch 1
+    ckpts = checkpoint_dir(cfg.run_dir)
+    assert safe_torch_load(ckpts / "last.ckpt")["global_step"] == 4
+    train_images = len(build_datamodule(cfg.data).train_dataset)
+
+    more = load_config("demo", [*two, "data.synthetic_size=80"])
+    with pytest.raises(CheckpointError) as refused:
+        run.pretrain(more, resume="last")
+    message = str(refused.value)
+    assert "middle of epoch 1 (1 batches in)" in message
+    assert f"training images: {train_images} in the checkpoint" in message
+    assert "epochNNN.ckpt" in message
+    assert safe_torch_load(ckpts / "last.ckpt")["global_step"] == 4  # nothing written
+
+    result = run.pretrain(more, resume=str(ckpts / "epoch000.ckpt"))
+    assert "resuming at the start of epoch 1 with changed data" in capsys.readouterr().err
+    new_images = len(build_datamodule(more.data).train_dataset)
+    assert result.global_step == 3 + new_images // 8  # epoch 1 over the larger set
