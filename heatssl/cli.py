@@ -14,11 +14,13 @@ from pathlib import Path
 import yaml
 
 from heatssl.config import Config, load_config
+from heatssl.console import one_line_warnings, quiet_libraries
 from heatssl.errors import ConfigError, HeatSSLError
 from heatssl.explain import run as explaining
 from heatssl.explain.cam import METHODS
 from heatssl.probing import run as probing
 from heatssl.probing.report import top1_table
+from heatssl.probing.timm_export import export_timm
 from heatssl.train import run as pretraining
 from heatssl.train.checkpoint import trusted_checkpoints
 from heatssl.train.trainer import launch_plan
@@ -45,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heatssl", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pretrain", help="QB-Heat pretraining of a timm backbone")
+    p = sub.add_parser(
+        "pretrain",
+        help="QB-Heat pretraining of a timm backbone",
+        description="Pretrain a timm backbone without labels (QB-Heat) into a run folder: "
+        "config.yaml, checkpoints/, pictures/, metrics.csv. Ctrl-C saves and prints how to "
+        "resume. Example: heatssl pretrain -c configs/imagenette.yaml "
+        "data.root=/data/imagenette trainer.max_time=15",
+    )
     _add_config_args(p, default=None)
     p.add_argument(
         "--resume",
@@ -70,18 +79,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="time the training data loader alone (default 50 batches), print images/s and exit",
     )
 
-    p = sub.add_parser("export", help="export a checkpoint's backbone as timm-loadable safetensors")
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint's backbone: a safetensors file, or a timm folder",
+        description="Export a pretrained backbone. --format timm writes a folder (config.json, "
+        "model.safetensors, README.md) that timm loads on its own: "
+        "timm.create_model('local-dir:RUN/backbone_timm', pretrained=True). Example: heatssl "
+        "export runs/demo/checkpoints/last.ckpt --format timm --head runs/demo/probe/linear_head"
+        ".safetensors",
+    )
     p.add_argument("checkpoint", help="a pretraining .ckpt")
     p.add_argument(
-        "-o", "--out", default=None, help="output file (default: RUN/backbone.safetensors)"
+        "-o",
+        "--out",
+        default=None,
+        help="output file or folder (default: RUN/backbone.safetensors, RUN/backbone_timm)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "timm"],
+        default="safetensors",
+        help="safetensors: one file heatssl reads; timm: a folder plain timm (and the Hugging "
+        "Face Hub) loads with no other argument",
+    )
+    p.add_argument(
+        "--head",
+        default=None,
+        help="with --format timm: a linear_head.safetensors from `heatssl probe`, folded into "
+        "timm's classifier (default: no classifier, a feature extractor)",
     )
 
-    p = sub.add_parser("probe", help="linear / tran-1 / kNN probes of a frozen backbone")
+    p = sub.add_parser(
+        "probe",
+        help="linear / tran-1 / kNN probes of a frozen backbone",
+        description="Evaluate a frozen backbone: features extracted once, then linear, tran-1 and "
+        "kNN probes; writes metrics.md / metrics.json, the heads and embedding.png. Example: "
+        "heatssl probe runs/demo/checkpoints/last.ckpt",
+    )
     p.add_argument("source", help="a pretraining .ckpt, an exported .safetensors, or a timm name")
     _add_config_args(p, default=None)
     p.add_argument("-o", "--out", default=None, help="output folder (default: RUN/probe)")
 
-    p = sub.add_parser("heatmaps", help="CAM / gradient-CAM heat maps of a probed backbone")
+    p = sub.add_parser(
+        "heatmaps",
+        help="CAM / gradient-CAM heat maps of a probed backbone",
+        description="Where the backbone looks: class activation maps through the linear probe "
+        "head, as overlay sheets and maps.npz. Example: heatssl heatmaps "
+        "runs/demo/checkpoints/last.ckpt --head runs/demo/probe/linear_head.safetensors",
+    )
     p.add_argument("source", help="a pretraining .ckpt or an exported .safetensors backbone")
     p.add_argument("--head", required=True, help="linear_head.safetensors from `heatssl probe`")
     _add_config_args(p, default=None)
@@ -94,14 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="class name to explain (default: predicted)")
     p.add_argument("-o", "--out", default=None, help="output folder (default: RUN/heatmaps)")
 
-    p = sub.add_parser("reconstruct", help="QB-Heat reconstruction figure of a checkpoint")
+    p = sub.add_parser(
+        "reconstruct",
+        help="QB-Heat reconstruction figure of a checkpoint",
+        description="Draw inputs, the kept quarter and the reconstruction of the other three. "
+        "Example: heatssl reconstruct runs/demo/checkpoints/last.ckpt",
+    )
     p.add_argument("checkpoint", help="a pretraining .ckpt")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--num", type=int, default=8, help="images shown")
     p.add_argument("-o", "--out", default=None, help="PNG path (default: RUN/reconstruction.png)")
 
     p = sub.add_parser(
-        "demo", help="the whole chain on the embedded digits data, on CPU, in minutes"
+        "demo",
+        help="the whole chain on the embedded digits data, on CPU, in minutes",
+        description="Pretrain resnet18 on the digits that ship with scikit-learn, export it, probe "
+        "it against random initialisation and draw heat maps; no download. Example: heatssl demo",
     )
     _add_config_args(p, default="demo")
     for name, subparser in sub.choices.items():
@@ -188,6 +241,7 @@ def _demo(cfg: Config) -> int:
         f"{result.seconds:.0f} s, then probed it on {cfg.data.name} (val split):\n\n{table}\n\n"
         f"  run folder:  {result.run_dir}\n  pictures:    {result.run_dir / 'pictures'}\n"
         f"  backbone:    {exported}\n  probes:      {trained.out_dir}, {random.out_dir}\n"
+        f"  embedding:   {trained.out_dir / 'embedding.png'}\n"
         f"  heat maps:   {maps.sheets['cam']} (and {maps.sheets['gradcam'].name})"
     )
     return 0
@@ -206,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    quiet_libraries()
+    one_line_warnings()
     trust = trusted_checkpoints() if getattr(args, "trust_checkpoint", False) else nullcontext()
     try:
         with trust:
@@ -223,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the chosen subcommand."""
     if args.command == "export":
+        if args.format == "timm":
+            folder = export_timm(args.checkpoint, args.out, args.head)
+            print(
+                f"heatssl: timm folder written to {folder}; load it with "
+                f"timm.create_model('local-dir:{folder}', pretrained=True)"
+            )
+            return 0
+        if args.head is not None:
+            raise ConfigError("--head folds a probe head into a timm folder: add --format timm.")
         print(f"heatssl: backbone written to {pretraining.export(args.checkpoint, args.out)}")
         return 0
     if args.command == "probe":
@@ -250,8 +315,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "pretrain":
         result = pretraining.pretrain(cfg, resume=args.resume, force=args.force)
         if result.is_global_zero:
+            run_dir = result.run_dir
             print(
-                f"heatssl: done in {result.seconds:.0f} s; last checkpoint {result.last_checkpoint}"
+                f"heatssl: done in {result.seconds:.0f} s ({result.global_step} steps)\n"
+                f"  checkpoint: {result.last_checkpoint}\n"
+                f"  pictures:   {run_dir / 'pictures'}\n"
+                f"  metrics:    {run_dir / 'metrics.csv'}\n"
+                f"  next:       heatssl probe {result.last_checkpoint}"
             )
         return 0
     return _demo(cfg)

@@ -204,6 +204,8 @@ class TrainerConfig:
     """Lightning Trainer settings and run-folder behaviour."""
 
     max_epochs: int = 10
+    # a time budget instead of epochs: minutes (15) or "HH:MM:SS"; the lr schedule follows the clock
+    max_time: float | str | None = None
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
@@ -223,18 +225,54 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 0  # also refresh last.ckpt every N steps, mid-epoch (0: off)
     checkpoint_every_n_minutes: float = 30.0  # and every N minutes of training (0: off)
     progress_bar: bool = True
-    logger: Literal["csv", "tensorboard", "none"] = "csv"
+    logger: Literal["csv", "tensorboard", "wandb", "none"] = "csv"
+    wandb_project: str | None = None  # trainer.logger=wandb: null -> $WANDB_PROJECT, else heatssl
+
+    def max_time_seconds(self) -> float | None:
+        """``max_time`` in seconds (``None``: no budget); minutes or ``[DD:]HH:MM:SS``."""
+        value = self.max_time
+        if value is None:
+            return None
+        seconds: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value) * 60
+        elif isinstance(value, str):
+            parts = value.strip().split(":")
+            try:
+                numbers = [float(x) for x in parts]
+            except ValueError:
+                numbers = []
+            if len(parts) == 1 and numbers:
+                seconds = numbers[0] * 60
+            elif len(parts) in (3, 4) and numbers:
+                scales = [86400, 3600, 60, 1][-len(parts) :]
+                seconds = sum(n * k for n, k in zip(numbers, scales, strict=True))
+        _must(
+            seconds is not None and seconds > 0,
+            "trainer.max_time",
+            value,
+            "minutes (e.g. 15) or a time 'HH:MM:SS' / 'DD:HH:MM:SS' (e.g. '00:15:00'), above 0",
+        )
+        return seconds
 
     def validate(self) -> None:
         """Counts are positive; the mid-epoch checkpoint triggers are >= 0 (0 turns one off)."""
         _positive("trainer", self, "max_epochs", "num_nodes", "accumulate_grad_batches")
         _not_negative("trainer", self, "checkpoint_every_n_steps", "checkpoint_every_n_minutes")
+        self.max_time_seconds()  # a budget that cannot be read stops here
         _must(
             self.keep_checkpoints >= -1,
             "trainer.keep_checkpoints",
             self.keep_checkpoints,
             ">= 0 (how many epoch checkpoints to keep besides last.ckpt) or -1 (all)",
         )
+        if self.wandb_project is not None:  # W&B refuses these characters in project names
+            _must(
+                bool(self.wandb_project.strip()) and not set("/\\#?%:") & set(self.wandb_project),
+                "trainer.wandb_project",
+                self.wandb_project,
+                "a W&B project name (not empty, none of / \\ # ? % :) or null",
+            )
 
 
 @dataclass
@@ -259,6 +297,8 @@ class ProbeConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     online: bool = False  # online linear probe on the kept-quarter features during pretraining
+    embedding: bool = True  # write embedding.png: t-SNE map of the pooled val features by class
+    embedding_max_points: int = 2000  # class-balanced subsample drawn in it (t-SNE's cost)
 
     def validate(self) -> None:
         """Epochs, batch, k and rates positive; the stride one timm takes."""
@@ -272,6 +312,7 @@ class ProbeConfig:
             "base_lr",
             "tran1_base_lr",
             "knn_temperature",
+            "embedding_max_points",
         )
         _not_negative("probe", self, "weight_decay", "warmup_epochs", "tran1_heads")
         if self.tran1_max_images is not None:

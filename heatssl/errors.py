@@ -56,6 +56,10 @@ class NonFiniteLossError(HeatSSLError):
     label = "stopped"
 
 
+class HeatSSLWarning(UserWarning):
+    """Something the user should know that does not stop the run (skipped files, a skipped map)."""
+
+
 def rename_arguments(message: str, names: Mapping[str, str]) -> str:
     """``message`` with every ``argument=`` written as ``names[argument]=`` (whole words only)."""
     for argument, key in names.items():

@@ -1,10 +1,15 @@
 """The heatssl command end to end, and its messages for bad input."""
 
+import re
+import subprocess
+import sys
+
 import yaml
 
 from heatssl.cli import main
 from heatssl.model.heads import LinearHead
 from heatssl.probing.head_files import save_head
+from tests.helpers import tiny_settings
 
 
 def test_pretrain_then_export(tiny_overrides, tmp_path, capsys):
@@ -136,3 +141,38 @@ def test_damaged_or_wrong_files_end_in_one_line_for_export_probe_and_heatmaps(
     assert "trunc_head.safetensors is truncated: it ends after 200 of the" in err
     assert "probe head" in err
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_a_run_prints_heatssl_lines_not_the_libraries_chatter(tmp_path):
+    """A real ``heatssl pretrain`` process: Lightning's accelerator lines, its tip for another
+    product, the spurious "exists and is not empty" and deprecation warnings are gone; heatssl's
+    start line (size, images, steps) and end lines (where everything is) are there."""
+    settings = [o for o in tiny_settings(tmp_path / "run") if o != "trainer.max_epochs=1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "heatssl.cli", "pretrain", "-c", "demo", *settings,
+         "trainer.max_epochs=4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    noises = ("GPU available", "Tip:", "not empty", "LeafSpec", "Total params", "Trainer.fit")
+    for noise in noises:
+        assert noise not in out, noise
+    assert re.search(
+        r"M parameters; \d+ training images, 3 steps per epoch x 4 epochs = 12 steps", out
+    )
+    assert "s per step: about" in out
+    assert f"checkpoint: {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}" in out
+    assert len(out.strip().splitlines()) <= 10
+
+
+def test_heatssl_warnings_are_one_line():
+    code = (
+        "import warnings; from heatssl.console import one_line_warnings; "
+        "from heatssl.errors import HeatSSLWarning; one_line_warnings(); "
+        "warnings.warn('skipped 2 unreadable image file(s)', HeatSSLWarning)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stderr == "heatssl: warning: skipped 2 unreadable image file(s)\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from heatssl.errors import UnreadableImageError
+from heatssl.errors import HeatSSLWarning, UnreadableImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -71,4 +71,6 @@ def warn_unreadable(skipped: list[str], what: str = "Skipped", first: int = 10) 
     """One warning naming how many files could not be read and the first ``first`` of them."""
     if skipped:
         names = "; ".join(skipped[:first])
-        warnings.warn(f"{what} {len(skipped)} unreadable image file(s): {names}", stacklevel=3)
+        warnings.warn(
+            f"{what} {len(skipped)} unreadable image file(s): {names}", HeatSSLWarning, stacklevel=3
+        )

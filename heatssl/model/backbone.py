@@ -44,7 +44,8 @@ def create_timm_model(
     ViTs get ``dynamic_img_size=True`` (the encoder sees a quarter block, the probe the whole image)
     and ``img_size=image_size`` unless given.
     """
-    if not timm.is_model(name):
+    hub = name.startswith(("local-dir:", "hf-hub:"))  # a timm folder: its config.json says the rest
+    if not hub and not timm.is_model(name):
         raise _unknown_model_error(name)
     if output_stride not in (None, *OUTPUT_STRIDES):
         raise ArgumentError(

@@ -1,14 +1,16 @@
 """Probe runs: resolve a backbone (checkpoint, exported file or bare timm name), cache its features
 once, train the probes, and write heads, metrics JSON and a markdown table into an output folder.
 
-A probe folder holds ``metrics.json``, ``metrics.md``, the trained heads (``<kind>_head.safetensors``)
-and the resolved ``config.yaml``.
+A probe folder holds ``metrics.json``, ``metrics.md``, the trained heads (``<kind>_head.safetensors``),
+``embedding.png`` (t-SNE map of the val features, ``probe.embedding``) and the resolved ``config.yaml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,11 @@ import torch
 
 from heatssl.config import Config, config_keys, load_config, save_config
 from heatssl.data.module import build_datamodule
-from heatssl.errors import CheckpointError, ConfigError
+from heatssl.errors import CheckpointError, ConfigError, HeatSSLWarning
 from heatssl.model.backbone import Backbone, restride
 from heatssl.model.export import load_exported_backbone, read_export_metadata
+from heatssl.model.timm_folder import is_hub_source
+from heatssl.probing.embedding import write_embedding
 from heatssl.probing.features import FeatureCache, build_cache
 from heatssl.probing.head_files import save_head
 from heatssl.probing.probes import run_probes
@@ -39,7 +43,16 @@ class ProbeResult:
 
 
 def source_kind(source: str) -> str:
-    """``checkpoint`` (.ckpt), ``export`` (.safetensors) or ``timm`` (a model name)."""
+    """``checkpoint`` (.ckpt), ``export`` (.safetensors), ``hub`` (a timm folder: ``local-dir:PATH``
+    or ``hf-hub:NAME``) or ``timm`` (a model name: random initialisation)."""
+    if is_hub_source(source):
+        folder = source.removeprefix("local-dir:")
+        if source.startswith("local-dir:") and not (Path(folder) / "config.json").is_file():
+            raise CheckpointError(
+                f"{source}: {folder} is not a timm folder (no config.json in it). Give a folder "
+                f"written by `heatssl export --format timm` (or timm's save_for_hf)."
+            )
+        return "hub"
     suffix = Path(source).suffix
     if suffix in (".ckpt", ".safetensors"):
         if not Path(source).is_file():
@@ -88,7 +101,7 @@ def resolve_backbone(source: str, cfg: Config, named: Collection[str] = ()) -> B
     only. With ``probe.output_stride`` set, the backbone is re-dilated to it (same weights).
     """
     backbone = _resolve(source, cfg, named)
-    if source_kind(source) != "timm":
+    if source_kind(source) in ("checkpoint", "export"):
         _check_named_stride(cfg, backbone, source, named)
     if cfg.probe.output_stride is not None:
         with config_keys(output_stride="probe.output_stride"):
@@ -106,6 +119,11 @@ def _resolve(source: str, cfg: Config, named: Collection[str]) -> Backbone:
         _check_named_model(cfg, read_export_metadata(source)["model_name"], source, named)
         with config_keys(**MODEL_KEYS):
             return load_exported_backbone(source, image_size=size, check_size=False)
+    if kind == "hub":  # the folder's config.json holds the architecture and its arguments
+        with config_keys(**MODEL_KEYS):
+            return Backbone(
+                source, stage=cfg.model.stage, image_size=size, pretrained=True, check_size=False
+            )
     # the baseline is random initialisation of the named model (the caller's config is left as is)
     model = dataclasses.replace(cfg.model, backbone=source, pretrained=False)
     return build_backbone(model, size, check_size=False)
@@ -117,7 +135,29 @@ def default_out_dir(source: str, cfg: Config) -> Path:
         return Path(cfg.probe.out_dir)
     if source_kind(source) == "checkpoint":
         return Path(source).resolve().parent.parent / "probe"
+    if is_hub_source(source):  # local-dir:runs/x/backbone_timm -> probe_backbone_timm
+        return Path("runs") / f"probe_{Path(source.split(':', 1)[1].rstrip('/')).name}"
     return Path("runs") / f"probe_{Path(source).stem}"
+
+
+def _embedding(cache: FeatureCache, cfg: Config, out: Path, backbone: str) -> dict[str, Any]:
+    """Draw ``<out>/embedding.png`` when ``probe.embedding``; its metrics.json entries."""
+    if not cfg.probe.embedding:
+        return {"embedding": None}
+    start = time.perf_counter()
+    drawn = write_embedding(
+        cache.val.pooled,
+        cache.val.labels,
+        cache.class_names,
+        out / "embedding.png",
+        seed=cfg.seed,
+        max_points=cfg.probe.embedding_max_points,
+        backbone=backbone,
+    )
+    if drawn.path is None:
+        warnings.warn(drawn.skipped, HeatSSLWarning, stacklevel=3)
+        return {"embedding": None, "embedding_skipped": drawn.skipped}
+    return {"embedding": drawn.path.name, "embedding_seconds": time.perf_counter() - start}
 
 
 def probe(
@@ -143,6 +183,8 @@ def probe(
         data.class_names,
         grid_dir=out / "grids" if "tran1" in cfg.probe.kinds else None,
     )
+    # the heads' initial weights from the seed alone, whatever building the backbone drew
+    torch.manual_seed(cfg.seed)
     try:
         metrics, heads = run_probes(cache, cfg.probe)
     finally:
@@ -170,6 +212,7 @@ def probe(
         "feature_grid": list(cache.train.grid_shape),
         "extract_seconds": cache.seconds,
         "probes": metrics,
+        **_embedding(cache, cfg, out, backbone.name),
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     table = metrics_markdown(metrics, title or f"{backbone.name} ({source}) on {cfg.data.name}")

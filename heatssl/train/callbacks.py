@@ -12,11 +12,13 @@ every few epochs and at the end, into the run folder and the logger.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import Tensor
 
 from heatssl.train.pictures import figure_to_tensor, reconstruction_figure, save_figure
@@ -82,6 +84,22 @@ class BadImageReport(L.Callback):
                 f.writelines(f"epoch {epoch}\t{line}\n" for line in files)
 
 
+def log_picture(logger: Logger, key: str, image: Tensor, step: int) -> bool:
+    """Send an RGB uint8 ``(3, H, W)`` picture to ``logger`` as an image, in the form it takes.
+
+    Weights & Biases takes a list of images; TensorBoard (and any logger whose experiment has
+    ``add_image``) one CHW tensor. Returns whether the logger took it (CSV has no images).
+    """
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[image.permute(1, 2, 0).numpy()], step=step)
+        return True
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):
+        experiment.add_image(key, image, step)
+        return True
+    return False
+
+
 class ReconstructionPictures(L.Callback):
     """Draws what QB-Heat reconstructs from the first training images, every ``every_n_epochs``.
 
@@ -117,7 +135,74 @@ class ReconstructionPictures(L.Callback):
         shown, mask, recon = pl_module.reconstruct(self._batch)
         title = f"QB-Heat, epoch {epoch} ({pl_module.picture_note})"
         fig = reconstruction_figure(shown, mask, recon, title=title)
-        experiment = getattr(pl_module.logger, "experiment", None)
-        if hasattr(experiment, "add_image"):
-            experiment.add_image("reconstruction", figure_to_tensor(fig), pl_module.global_step)
+        loggers = getattr(pl_module, "loggers", None) or []
+        if loggers:
+            image = figure_to_tensor(fig)
+            for logger in loggers:
+                log_picture(logger, "reconstruction", image, pl_module.global_step)
         return save_figure(fig, self.folder / f"reconstruction_epoch{epoch:03d}.png")
+
+
+class RunReport(L.Callback):
+    """Says at the start what the run will do, and after a few steps how long it will take.
+
+    Printed once, by process 0, to stderr: the model size, the training images, the steps per epoch
+    and in all (or the time budget), then the measured seconds per step (the first step, which
+    builds kernels and starts loader workers, left out) and the time to the end.
+    """
+
+    def __init__(self, measure_after: int = 10) -> None:
+        self.measure_after = max(2, measure_after)
+        self._start: float | None = None
+        self._start_step = 0
+        self._done = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        params = sum(p.numel() for p in pl_module.parameters())
+        per_epoch = trainer.num_training_batches
+        images = len(trainer.datamodule.train_dataset) if trainer.datamodule else "?"
+        budget = pl_module.cfg.trainer.max_time_seconds()
+        if budget:
+            length = f"for a time budget of {budget / 60:g} min"
+        else:
+            total = per_epoch * trainer.max_epochs
+            length = f"x {trainer.max_epochs} epochs = {total} steps"
+        done = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
+        print(
+            f"heatssl: {params / 1e6:.1f} M parameters; {images} training images, {per_epoch} "
+            f"steps per epoch {length}{done}",
+            file=sys.stderr,
+        )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if self._done or not trainer.is_global_zero:
+            return
+        now = time.perf_counter()
+        if self._start is None:  # after the first step
+            self._start, self._start_step = now, trainer.global_step
+            return
+        steps = trainer.global_step - self._start_step
+        if steps < self.measure_after:
+            return
+        self._done = True
+        per_step = (now - self._start) / steps
+        budget = pl_module.cfg.trainer.max_time_seconds()
+        if budget:
+            left = f"about {int(budget / per_step)} steps in the {budget / 60:g} min budget"
+        else:
+            remaining = trainer.num_training_batches * trainer.max_epochs - trainer.global_step
+            left = f"about {_duration(remaining * per_step)} to go ({remaining} steps)"
+        print(f"heatssl: {per_step:.2f} s per step: {left}", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -29,6 +30,9 @@ from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
 from heatssl.train.callbacks import batches_seen
 from heatssl.train.checkpoint import restore_rng, rng_state
 from heatssl.train.nonfinite import NonFiniteWatch
+
+TIME_STEPS = 10_000  # resolution of a time-based schedule (trainer.max_time)
+TIME_WARMUP = 0.1  # its warm-up, as a fraction of the budget (as scripts/compare.py)
 
 
 def drop_pruned_layers(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
@@ -231,12 +235,28 @@ class HeatPretrainModule(L.LightningModule):
             betas=tuple(opt.betas),
             fused=_can_fuse(self.qbheat.parameters(), self.cfg.trainer.precision),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-        warmup = int(opt.warmup_epochs * per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, opt.min_lr_ratio)
-        )
+        budget = self.cfg.trainer.max_time_seconds()
+        if budget:  # the schedule follows the clock: warm-up over 10% of the budget, then cosine
+            timer = next(c for c in self.trainer.callbacks if isinstance(c, Timer))
+
+            def factor(step: int) -> float:
+                done = min(1.0, timer.time_elapsed("train") / budget)  # resumed time included
+                return warmup_cosine(
+                    int(done * TIME_STEPS),
+                    int(TIME_WARMUP * TIME_STEPS),
+                    TIME_STEPS,
+                    opt.min_lr_ratio,
+                )
+
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            per_epoch = max(1, total // max(1, self.trainer.max_epochs))
+            warmup = int(opt.warmup_epochs * per_epoch)
+
+            def factor(step: int) -> float:
+                return warmup_cosine(step, warmup, total, opt.min_lr_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

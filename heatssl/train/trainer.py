@@ -7,6 +7,9 @@ Trainer, so the CPU tests run the same code a GPU node does.
 from __future__ import annotations
 
 import importlib.util
+import netrc
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,13 +17,19 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.utilities import rank_zero_only
 
 from heatssl.config import Config
 from heatssl.errors import ConfigError
 from heatssl.train.build import scale_line
-from heatssl.train.callbacks import BadImageReport, ReconstructionPictures, batches_seen
+from heatssl.train.callbacks import (
+    BadImageReport,
+    ReconstructionPictures,
+    RunReport,
+    batches_seen,
+)
 from heatssl.train.checkpoint import AtomicCheckpointIO
 from heatssl.train.preemption import SignalCheckpoint
 
@@ -52,8 +61,14 @@ def planned_devices(cfg: Config) -> int:
 def launch_plan(cfg: Config) -> str:
     """One line on the scale of a run: devices, nodes, effective batch and the lr that follows it."""
     t = cfg.trainer
+    budget = t.max_time_seconds()
+    length = (
+        f"time budget {budget / 60:g} min (trainer.max_epochs unused)"
+        if budget
+        else f"{t.max_epochs} epochs"
+    )
     return (
-        f"{scale_line(cfg, planned_devices(cfg), t.num_nodes)}; "
+        f"{scale_line(cfg, planned_devices(cfg), t.num_nodes)}; {length}; "
         f"accelerator {t.accelerator}, strategy {t.strategy}, precision {t.precision}"
     )
 
@@ -68,10 +83,71 @@ def check_machine(cfg: Config) -> None:
         )
 
 
+class RunWandbLogger(WandbLogger):
+    """Lightning's WandbLogger that ends the wandb run it started when the fit ends.
+
+    Lightning leaves the run open until the process exits: it would show as running after the
+    fit, and a second pretraining in the same process would log into it. A run that was already
+    active when the logger was made (the caller's, which Lightning logs into) is left open.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        import wandb
+
+        self._ends_run = wandb.run is None  # otherwise Lightning logs into the caller's run
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._ends_run and self._experiment is not None:
+            self._experiment.finish(exit_code=0 if status == "success" else 1)
+
+
+def _wandb_logged_in() -> bool:
+    """Whether wandb finds an API key without asking: $WANDB_API_KEY (or an identity token
+    file), or a .netrc entry for $WANDB_BASE_URL's host (``wandb login`` writes one)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    host = base.split("://", 1)[-1].split("/", 1)[0]
+    paths = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for path in (Path(p).expanduser() for p in paths):
+        if path.is_file():
+            try:
+                return netrc.netrc(path).authenticators(host) is not None
+            except (netrc.NetrcParseError, OSError):
+                return False
+    return False
+
+
+def _wandb_logger(cfg: Config, run_dir: Path) -> WandbLogger:
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            'trainer.logger=wandb needs the wandb package: `pip install -e ".[wandb]"` (or '
+            "`pip install wandb`), or use trainer.logger=csv (the default)."
+        )
+    extra: dict[str, Any] = {}
+    if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
+        extra["mode"] = "offline"  # rather than wandb's login prompt (or its error without a tty)
+        if rank_zero_only.rank == 0:
+            print(
+                "heatssl: trainer.logger=wandb without a W&B login (no WANDB_API_KEY, no "
+                "~/.netrc entry) and no WANDB_MODE: logging offline into "
+                f"{run_dir / 'wandb'} (`wandb sync` uploads it later)",
+                file=sys.stderr,
+            )
+    project = cfg.trainer.wandb_project or os.environ.get("WANDB_PROJECT") or "heatssl"
+    name = Path(run_dir).resolve().name
+    return RunWandbLogger(save_dir=str(run_dir), project=project, name=name, **extra)
+
+
 def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
     kind = cfg.trainer.logger
     if kind == "none":
         return False
+    if kind == "wandb":
+        return _wandb_logger(cfg, run_dir)
     if kind == "tensorboard":
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(
@@ -174,6 +250,7 @@ def build_trainer(
         *_checkpoint_callbacks(cfg, run_dir),
         BadImageReport(run_dir / "bad_images.txt"),
         ReconstructionPictures(run_dir / "pictures", t.picture_every_n_epochs),
+        RunReport(),
         SignalCheckpoint(checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps),
     ]
     plugins: list[Any] = [AtomicCheckpointIO()]
@@ -187,9 +264,12 @@ def build_trainer(
     if t.progress_bar:  # the bar reads the loss on the host: as often as the logger, not every step
         trainer_callbacks.append(LossProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     trainer_callbacks += list(callbacks or [])
+    budget = t.max_time_seconds()
     return L.Trainer(
         default_root_dir=str(run_dir),
-        max_epochs=t.max_epochs,
+        # a time budget replaces the epoch count (Lightning's Timer stops at a batch boundary)
+        max_epochs=-1 if budget else t.max_epochs,
+        max_time=timedelta(seconds=budget) if budget else None,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -205,6 +285,7 @@ def build_trainer(
         benchmark=on_gpu,  # cuDNN picks its fastest kernels for the (fixed) input sizes
         logger=logger,
         callbacks=trainer_callbacks,
+        enable_model_summary=False,  # heatssl's start line gives the size (RunReport)
         plugins=plugins,
         use_distributed_sampler=False,  # the data module shards itself (resumable mid-epoch)
     )

@@ -312,3 +312,33 @@ def test_resume_with_another_dataset_size_is_refused_mid_epoch_and_said_at_an_ep
     assert "resuming at the start of epoch 1 with changed data" in capsys.readouterr().err
     new_images = len(build_datamodule(more.data).train_dataset)
     assert result.global_step == 3 + new_images // 8  # epoch 1 over the larger set
+
+
+def test_a_time_budget_ends_the_run_with_a_checkpoint_and_a_schedule_that_ends_with_it(
+    tiny_overrides,
+):
+    """``trainer.max_time``: the run stops at the budget (not after max_epochs), writes last.ckpt
+    and pictures, and the learning rate warms up and then decays to about zero by the end."""
+    budget_s = 12.0
+    overrides = [*tiny_overrides, "data.synthetic_size=16", "optim.min_lr_ratio=0"]
+    cfg = load_config("demo", [*overrides, f"trainer.max_time={budget_s / 60}"])
+    result = run.pretrain(cfg)
+    # trainer.max_epochs=1 (one step of 8 of the 8 training images) would have ended it at once
+    assert budget_s <= result.seconds < budget_s + 30
+    assert result.global_step >= 3
+    assert safe_torch_load(result.last_checkpoint)["global_step"] == result.global_step
+    assert list((result.run_dir / "pictures").glob("reconstruction_epoch*.png"))
+    rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
+    lrs = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
+    peak = max(lrs)
+    assert lrs[0] < 0.7 * peak  # warming up
+    assert lrs[-1] < 0.1 * peak  # the cosine ends with the budget
+
+
+def test_a_time_budget_that_cannot_be_read_is_refused():
+    with pytest.raises(ConfigError, match=r"trainer.max_time='15 minutes'.*HH:MM:SS"):
+        load_config("demo", ["trainer.max_time=15 minutes"])
+    cfg = load_config("demo", ["trainer.max_time=00:15:00"])
+    assert cfg.trainer.max_time_seconds() == 900
+    assert load_config("demo", ["trainer.max_time=2.5"]).trainer.max_time_seconds() == 150
+    assert "time budget 15 min" in launch_plan(cfg)
