@@ -100,6 +100,7 @@ class SignalCheckpoint(L.Callback):
         self.stop_signal: int | None = None  # the first SIGINT / SIGTERM
         self._previous: dict[int, Any] = {}
         self._saving = False
+        self._pending = False  # a signal every rank agreed on, waiting for a step to stop after
 
     def _on_preemption(self, signum: int, frame: Any) -> None:
         self.requested = True  # nothing else here: the step in flight finishes undisturbed
@@ -172,13 +173,24 @@ class SignalCheckpoint(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if not self._agreed(trainer, pl_module.device):
+        if not self._pending:  # once agreed, every rank knows it: no more collectives
+            self._pending = self._agreed(trainer, pl_module.device)
+        if not self._pending:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last step: its end-of-epoch work (pictures, epoch checkpoint) runs first,
+            # as in an unbroken run, and the run stops after the next step. A save here would hold
+            # the random state from before that work, and the resumed run would diverge.
             return
         self._saving = True
         try:
             trainer.save_checkpoint(self.checkpoint)  # every rank, this step; rank 0 writes
         finally:
             self._saving = False
+        self._stop(trainer)
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        """Raise what ends the run after ``last.ckpt`` holds this step (and requeue if asked)."""
         step = trainer.global_step
         if self.stop_signal is not None:  # a stop wins over a requeue: the user asked for it
             self._restore()
