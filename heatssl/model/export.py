@@ -48,7 +48,7 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     return path
 
 
-_HEAD_FORMAT = "heatssl-head-v1"  # heatssl.probing.head_files.HEAD_FORMAT (probing imports model)
+HEAD_FORMAT = "heatssl-head-v1"  # probe heads (heatssl.probing.head_files) name it; defined here
 
 
 def _safetensors_extent(path: Path, head: bytes, size: int) -> tuple[int, dict[str, str]] | None:
@@ -107,7 +107,7 @@ def describe_file(path: str | Path) -> str:
         expected, meta = extent
         kind = {
             EXPORT_FORMAT: "a heatssl backbone export (safetensors, `heatssl export`)",
-            _HEAD_FORMAT: "a probe head (safetensors, `heatssl probe`)",
+            HEAD_FORMAT: "a probe head (safetensors, `heatssl probe`)",
         }.get(meta.get("format") or _head_format(meta.get("heatssl")), "a safetensors file")
         if size < expected:
             kind += f", cut short ({size} of {expected} bytes)"
@@ -201,7 +201,7 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     """Model name, create kwargs and stage stored in an exported file."""
     meta = safetensors_metadata(path, _EXPORT_WHAT, _EXPORT_FIX)
     if meta.get("format") != EXPORT_FORMAT:
-        head = _head_format(meta.get("heatssl")) == _HEAD_FORMAT
+        head = _head_format(meta.get("heatssl")) == HEAD_FORMAT
         raise CheckpointError(
             f"{path} is not a heatssl backbone export (metadata format={meta.get('format')!r}, "
             f"expected {EXPORT_FORMAT!r}"

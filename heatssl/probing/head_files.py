@@ -14,10 +14,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from heatssl.errors import ArgumentError, CheckpointError
-from heatssl.model.export import EXPORT_FORMAT, safetensors_metadata, safetensors_tensors
+from heatssl.model.export import (
+    EXPORT_FORMAT,
+    HEAD_FORMAT,
+    safetensors_metadata,
+    safetensors_tensors,
+)
 from heatssl.model.heads import LinearHead, Tran1Head
 
-HEAD_FORMAT = "heatssl-head-v1"
 _RESERVED = {"format", "kind", "class_names", "tokens", "heads", "in_dim", "num_classes"}
 
 
