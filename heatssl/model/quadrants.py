@@ -28,7 +28,9 @@ def quadrant_ids(
     """Quadrant ids (0..3) as a LongTensor of shape (batch,), from an id, a name or a tensor.
 
     ``check=False`` skips the range check of a tensor's values, which reads them on the host (a
-    device sync): for ids made by heatssl itself, such as QB-Heat's sampled quadrants.
+    device sync): for ids made by heatssl itself, such as QB-Heat's sampled quadrants. Inside
+    ``torch.compile`` it is skipped too: the read would break the graph (seen on the first GPU
+    run, in the pictures' forward with given quadrants); eager calls still check.
     """
     if isinstance(quadrant, str):
         if quadrant not in QUADRANTS:
@@ -39,6 +41,7 @@ def quadrant_ids(
     q = torch.as_tensor(quadrant, device=device, dtype=torch.long)
     if q.ndim == 0:
         q = q.expand(batch)
+    check = check and not torch.compiler.is_compiling()
     if q.shape != (batch,) or (check and bool(((q < 0) | (q > 3)).any())):
         raise ArgumentError(
             f"quadrant={q.tolist()} must hold ids 0..3, one for each of the {batch} samples."

@@ -48,8 +48,8 @@ def drop_pruned_layers(module: torch.nn.Module, state: dict[str, Any]) -> dict[s
 def _can_fuse(params: Any, precision: str) -> bool:
     """Fused AdamW (one kernel for all tensors) where every parameter allows it.
 
-    Not with float16 mixed precision: its gradient scaler unscales inside a fused step, which
-    Lightning refuses together with gradient clipping.
+    Not with float16 mixed precision: its gradient scaler unscales inside a fused step, so
+    gradients cannot be clipped before it. bf16 clips in ``configure_gradient_clipping``.
     """
     if str(precision).startswith("16"):
         return False
@@ -89,12 +89,32 @@ class HeatPretrainModule(L.LightningModule):
         """Compile the whole QB-Heat forward in place (state-dict keys unchanged), when asked.
 
         One graph: quarter crop, encoder, heat steps, decoder, heat loss and pixel loss (no graph
-        break: the sampled quadrants are never read on the host).
+        break: the sampled quadrants are never read on the host). Static shapes: training shapes
+        are fixed, and a dynamic-shape recompile (a second batch shape, e.g. the pictures) breaks
+        torch's backward of the ViTs' antialiased position-table resampling.
         """
         t = self.cfg.trainer
         if t.compile and not getattr(self, "_compiled", False):
-            self.qbheat.compile(mode=t.compile_mode)
+            self.qbheat.compile(mode=t.compile_mode, dynamic=False)
             self._compiled = True
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip here for fused AdamW under bf16-mixed: Lightning refuses any fused optimiser in its
+        mixed-precision plugin, though bf16 has no gradient scaler and the gradients are exact.
+        float16 (scaled gradients) never fuses (:func:`_can_fuse`) and takes Lightning's path."""
+        if gradient_clip_val and optimizer.defaults.get("fused"):
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":  # a str enum in Lightning
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     @property
     def backbone(self) -> torch.nn.Module:

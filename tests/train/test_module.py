@@ -105,6 +105,9 @@ def test_the_whole_qbheat_step_compiles_without_a_graph_break(tiny_overrides, re
     out = compiled(torch.randn(4, 3, 32, 32))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.heat is not None and out.commute is not None
+    with torch.no_grad():  # the pictures' forward: quadrants given by the caller
+        given = compiled(torch.randn(4, 3, 32, 32), quadrant=torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(given.loss)
 
 
 def test_a_checkpoint_holding_pruned_layers_still_loads(tiny_overrides):
@@ -129,3 +132,48 @@ def test_resuming_a_checkpoint_from_before_pruning_is_refused_with_the_reason(ti
     weights_only = {"state_dict": dict(state)}  # what probe and export read: it loads
     module.on_load_checkpoint(weights_only)
     assert "qbheat.backbone.model.layer4.0.conv1.weight" not in weights_only["state_dict"]
+
+
+VIT = ["model.backbone=test_vit", "model.output_stride=null", "model.kwargs={patch_size: 4}"]
+
+
+def test_compile_options_survive_a_second_batch_shape_with_backward(tiny_overrides, monkeypatch):
+    """A ViT's quarter resamples its position table (bicubic, antialiased). On the first GPU run
+    (torch 2.11) a recompile with dynamic shapes failed in torch's backward meta of that op
+    ("Expected IntList but got GenericList"; here, torch 2.14, it fails with dynamic=True).
+    The module compiles with static shapes; the options then carry a ViT's step with backward
+    through two batch shapes (aot_eager: the same autograd tracing as inductor, no codegen)."""
+    module = HeatPretrainModule(
+        load_config("demo", [*tiny_overrides, *VIT, "trainer.compile=true"])
+    )
+    seen = {}
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.update(kw))
+    module.configure_model()
+    assert seen["dynamic"] is False and seen["mode"] == "default"
+    torch._dynamo.reset()
+    options = {k: v for k, v in seen.items() if k != "mode"}
+    compiled = torch.compile(module.qbheat, backend="aot_eager", **options)
+    for batch in (4, 2):  # the second shape recompiles
+        out = compiled(torch.randn(batch, 3, 32, 32))
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+    torch._dynamo.reset()
+
+
+def test_bf16_mixed_precision_clips_gradients_with_fused_adamw(tiny_overrides):
+    """Lightning refuses to clip for a fused optimiser under any AMP plugin, bf16 included (it
+    has no gradient scaler there, so clipping is exact): found on the first GPU run, where every
+    recipe stopped at its first step. The module clips itself in that case."""
+    cfg = load_config("demo", [*tiny_overrides, "trainer.precision=bf16-mixed"])
+    module = HeatPretrainModule(cfg)
+    params = list(module.qbheat.parameters())
+    opt = torch.optim.AdamW(params, fused=True)
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)
+    module.configure_gradient_clipping(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert total == pytest.approx(1.0, rel=1e-4)
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)
+    module.configure_gradient_clipping(opt, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    assert all(float(p.grad.max()) == pytest.approx(0.5) for p in params)

@@ -342,3 +342,15 @@ def test_a_time_budget_that_cannot_be_read_is_refused():
     assert cfg.trainer.max_time_seconds() == 900
     assert load_config("demo", ["trainer.max_time=2.5"]).trainer.max_time_seconds() == 150
     assert "time budget 15 min" in launch_plan(cfg)
+
+
+def test_a_bf16_mixed_run_with_gradient_clipping_trains(tmp_path):
+    """The GPU recipes' settings (bf16-mixed, fused AdamW, gradient_clip_val=1) on the CPU: the
+    first GPU run stopped at its first step with Lightning's fused-optimiser clipping error."""
+    cfg = load_config(
+        "demo",
+        [*tiny_settings(tmp_path / "run"), "trainer.precision=bf16-mixed", "trainer.max_epochs=1"],
+    )
+    assert cfg.trainer.gradient_clip_val == 1.0
+    done = run.pretrain(cfg)
+    assert done.global_step > 0 and done.last_checkpoint.exists()
