@@ -18,6 +18,7 @@ from heatssl.console import one_line_warnings, quiet_libraries
 from heatssl.errors import ConfigError, HeatSSLError
 from heatssl.explain import run as explaining
 from heatssl.explain.cam import METHODS
+from heatssl.finetune import run as finetuning
 from heatssl.probing import run as probing
 from heatssl.probing.report import top1_table
 from heatssl.probing.timm_export import export_timm
@@ -121,6 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=None, help="output folder (default: RUN/probe)")
 
     p = sub.add_parser(
+        "finetune",
+        help="full fine-tuning of a backbone (or random init) on the labels",
+        description="Fine-tune every weight with the standard recipe of the backbone's family "
+        "(timm's AdamW with layer-wise lr decay, RandAugment, mixup / cutmix, label smoothing, "
+        "drop path, optional EMA); writes metrics.md / metrics.json, confusion.png and the model "
+        "as a timm folder. data.label_fraction=0.1 uses a class-balanced tenth of the labels. "
+        "Example: heatssl finetune runs/demo/checkpoints/last.ckpt finetune.epochs=10",
+    )
+    p.add_argument(
+        "source",
+        help="a pretraining .ckpt, an exported .safetensors, local-dir:/hf-hub: folder, or a "
+        "timm name (random initialisation)",
+    )
+    _add_config_args(p, default=None)
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="continue this fine-tuning run (OUT/checkpoints/last.ckpt, or a .ckpt path)",
+    )
+    p.add_argument("--force", action="store_true", help="take over the folder's run lock")
+
+    p = sub.add_parser(
         "heatmaps",
         help="CAM / gradient-CAM heat maps of a probed backbone",
         description="Where the backbone looks: class activation maps through the linear probe "
@@ -188,6 +213,27 @@ def _probe(args: argparse.Namespace) -> int:
     result = probing.probe(args.source, cfg, args.out, named=named)
     print((result.out_dir / "metrics.md").read_text())
     print(f"heatssl: probe heads, metrics.json and metrics.md in {result.out_dir}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    cfg = probing.probe_config(args.source, args.config, args.overrides)
+    if args.print_config:
+        _print_config(cfg)
+        return 0
+    named = {
+        o.split("=", 1)[0].removeprefix("model.") for o in args.overrides if o.startswith("model.")
+    }
+    result = finetuning.finetune(
+        args.source, cfg, named=named, resume=args.resume, force=args.force
+    )
+    if result.model_dir is not None:
+        print((result.out_dir / "metrics.md").read_text())
+        print(
+            f"heatssl: fine-tuned model in {result.model_dir} (timm.create_model("
+            f"'local-dir:{result.model_dir}', pretrained=True)); metrics and confusion.png in "
+            f"{result.out_dir}"
+        )
     return 0
 
 
@@ -294,6 +340,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _probe(args)
     if args.command == "heatmaps":
         return _heatmaps(args)
+    if args.command == "finetune":
+        return _finetune(args)
     if args.command == "reconstruct":
         out = args.out or Path(args.checkpoint).resolve().parent.parent / "reconstruction.png"
         path = explaining.run_reconstruction(args.checkpoint, out, args.split, args.num)

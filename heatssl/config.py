@@ -146,6 +146,9 @@ class DataConfig:
     crop_scale_min: float = 0.35
     val_fraction: float = 0.2  # digits / synthetic / folders without val/: share held out
     split_seed: int = 0  # draws that held-out share: tied to the data, not to the run's seed
+    # share of the labelled training images the probes and fine-tuning use, class-balanced, drawn
+    # with split_seed; pretraining ignores it and uses every image
+    label_fraction: float = 1.0
     synthetic_size: int = 256  # synthetic only: number of images
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable files: skip + report, or stop
 
@@ -160,6 +163,12 @@ class DataConfig:
                 f"data.name={self.name} is not a folder of image files. Set data.backend=pil."
             )
         _must(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
+        _must(
+            0.0 < self.label_fraction <= 1.0,
+            "data.label_fraction",
+            self.label_fraction,
+            "in (0, 1] (e.g. 0.01 or 0.1 for a low-label protocol, 1.0 for every label)",
+        )
         _must(
             0.0 < self.crop_scale_min <= 1.0,
             "data.crop_scale_min",
@@ -325,6 +334,97 @@ class ProbeConfig:
         _check_stride("probe.output_stride", self.output_stride)
 
 
+#: Fine-tuning defaults per backbone family (``finetune.recipe``); a key set to a value overrides.
+#: ViT: MAE's fine-tuning recipe (ViT-B's layer decay 0.65 raised to 0.75 for the shallower
+#: ViT-S / ViT-T, as DeiT-style small-model recipes do). CNN: a ResNet-strikes-back A3-like recipe
+#: with AdamW and a gentle layer decay over the stages.
+FINETUNE_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vit": {
+        "epochs": 100,
+        "base_lr": 5e-4,
+        "weight_decay": 0.05,
+        "layer_decay": 0.75,
+        "drop_path": 0.1,
+        "warmup_epochs": 5.0,
+        "smoothing": 0.1,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "auto_augment": "rand-m9-mstd0.5-inc1",
+        "re_prob": 0.25,
+    },
+    "cnn": {
+        "epochs": 100,
+        "base_lr": 1e-3,
+        "weight_decay": 0.05,
+        "layer_decay": 0.8,
+        "drop_path": 0.05,
+        "warmup_epochs": 5.0,
+        "smoothing": 0.1,
+        "mixup": 0.1,
+        "cutmix": 1.0,
+        "auto_augment": "rand-m6-mstd0.5-inc1",
+        "re_prob": 0.0,
+    },
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """Full fine-tuning (``heatssl finetune``): every ``null`` takes its family's default.
+
+    The family (``recipe: auto``) is ``vit`` for transformers (a timm model with ``blocks``), else
+    ``cnn``; :data:`FINETUNE_FAMILY_DEFAULTS` holds both recipes. The resolved values are written
+    into the fine-tuning folder's ``config.yaml``.
+    """
+
+    recipe: Literal["auto", "cnn", "vit"] = "auto"
+    epochs: int | None = None
+    base_lr: float | None = None  # AdamW; lr = base_lr x effective batch / 256
+    weight_decay: float | None = None
+    layer_decay: float | None = None  # layer-wise lr decay (timm's parameter groups); 1: off
+    drop_path: float | None = None  # stochastic depth rate (timm's drop_path_rate)
+    warmup_epochs: float | None = None
+    smoothing: float | None = None  # label smoothing
+    mixup: float | None = None  # mixup alpha (0: off)
+    cutmix: float | None = None  # cutmix alpha (0: off)
+    auto_augment: str | None = None  # timm's RandAugment string, or "none"
+    re_prob: float | None = None  # random erasing probability
+    ema_decay: float = 0.0  # model EMA (timm's ModelEmaV3) decay, e.g. 0.9998; 0: off
+    val_every_n_epochs: int = 1  # validate (top-1 / top-5) every N epochs; the last one always
+    min_lr_ratio: float = 0.0
+    out_dir: str | None = None  # default: <run folder>/finetune, or runs/finetune_<model>
+
+    def resolved(self, family: str) -> FinetuneConfig:
+        """A copy with every ``null`` replaced by the default of ``family`` ("cnn" or "vit")."""
+        defaults = FINETUNE_FAMILY_DEFAULTS[family]
+        values = {k: v if (v := getattr(self, k)) is not None else defaults[k] for k in defaults}
+        return dataclasses.replace(self, recipe=family, **values)
+
+    def validate(self) -> None:
+        """Counts and rates in their ranges (values left null are the family's, already valid)."""
+        for key in ("epochs", "base_lr"):
+            value = getattr(self, key)
+            _must(value is None or value > 0, f"finetune.{key}", value, "positive or null")
+        for key in ("weight_decay", "drop_path", "warmup_epochs", "mixup", "cutmix"):
+            value = getattr(self, key)
+            _must(value is None or value >= 0, f"finetune.{key}", value, ">= 0 or null")
+        for key in ("layer_decay", "re_prob", "smoothing"):
+            value = getattr(self, key)
+            low_ok = value is None or (value > 0 if key == "layer_decay" else value >= 0)
+            rule = "in (0, 1] (1: off)" if key == "layer_decay" else "in [0, 1]"
+            _must(low_ok and (value is None or value <= 1), f"finetune.{key}", value, rule)
+        _must(0.0 <= self.ema_decay < 1.0, "finetune.ema_decay", self.ema_decay, "in [0, 1)")
+        _must(
+            self.val_every_n_epochs >= 1,
+            "finetune.val_every_n_epochs",
+            self.val_every_n_epochs,
+            ">= 1",
+        )
+        _must(
+            0.0 <= self.min_lr_ratio <= 1.0, "finetune.min_lr_ratio", self.min_lr_ratio, "in [0, 1]"
+        )
+
+
 @dataclass
 class Config:
     """Everything one pretraining run needs."""
@@ -339,6 +439,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML- and checkpoint-safe: only builtins)."""

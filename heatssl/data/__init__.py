@@ -2,7 +2,8 @@
 
 Owns reading one image file into RGB (:mod:`.images`), the SSL and evaluation transforms and the
 normalisation (:mod:`.transforms`), the datasets and unreadable-file skipping (:mod:`.datasets`), the
-seeded, resumable epoch order (:mod:`.sampler`), the Lightning data module (:mod:`.module`) and the
-loader benchmark (:mod:`.throughput`). It may import :mod:`heatssl.errors` and :mod:`heatssl.config`
-(its ``data`` section), never the model or anything above it.
+seeded, resumable epoch order (:mod:`.sampler`), class-balanced label subsets (:mod:`.labels`), the
+Lightning data module (:mod:`.module`) and the loader benchmark (:mod:`.throughput`). It may
+import :mod:`heatssl.errors` and :mod:`heatssl.config` (its ``data`` section), never the model or
+anything above it.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,19 +19,33 @@ from torch.utils.data import DataLoader, Dataset
 
 from heatssl.config import DataConfig
 from heatssl.data.datasets import SPLITS, ImageFiles, collate_batch, torchvision_split
+from heatssl.data.labels import apply_label_fraction
 from heatssl.data.sampler import EpochSampler, seed_worker
 from heatssl.data.transforms import build_transform
 from heatssl.errors import ArgumentError, CheckpointError, ConfigError
 
 
 class HeatDataModule(L.LightningDataModule):
-    """Train/val loaders for one validated :class:`DataConfig`; ``setup`` builds the datasets once."""
+    """Train/val loaders for one validated :class:`DataConfig`; ``setup`` builds the datasets once.
 
-    def __init__(self, cfg: DataConfig, seed: int = 0) -> None:
+    ``labelled=True`` (probes, fine-tuning) cuts the train split to ``data.label_fraction`` of its
+    labels (:func:`~heatssl.data.labels.apply_label_fraction`), saved as ``label_subset.json`` in
+    ``label_dir`` when given; pretraining leaves it False and uses every image. Val stays whole.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        seed: int = 0,
+        labelled: bool = False,
+        label_dir: str | Path | None = None,
+    ) -> None:
         super().__init__()
         cfg.validate()  # the section's own check: a DataConfig built in Python skips load_config
         self.cfg = cfg
         self.seed = seed
+        self.labelled = labelled
+        self.label_dir = label_dir
         self._train: Dataset | None = None
         self._val: Dataset | None = None
         self._class_names: list[str] = []
@@ -52,11 +67,18 @@ class HeatDataModule(L.LightningDataModule):
             from heatssl.data.dali import require_dali
 
             require_dali()
-        train_tf = build_transform(cfg.image_size, True, cfg.augment, cfg.crop_scale_min)
-        val_tf = build_transform(cfg.image_size, False)
+        train_tf, val_tf = self.transforms()
         self._train, self._val, self._class_names = SPLITS[cfg.name](
             cfg, self.seed, train_tf, val_tf
         )
+        if self.labelled:
+            self._train = apply_label_fraction(self._train, cfg, self.label_dir)
+
+    def transforms(self) -> tuple[Any, Any]:
+        """(train, eval) transforms: MAE's minimal augmentation and the centred crop (uint8 out)."""
+        cfg = self.cfg
+        train_tf = build_transform(cfg.image_size, True, cfg.augment, cfg.crop_scale_min)
+        return train_tf, build_transform(cfg.image_size, False)
 
     @property
     def train_dataset(self) -> Dataset:
@@ -281,6 +303,12 @@ def cores_per_process(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
-def build_datamodule(cfg: DataConfig, seed: int = 0) -> HeatDataModule:
-    """The data module for ``cfg`` (datasets are built lazily by ``setup``)."""
-    return HeatDataModule(cfg, seed=seed)
+def build_datamodule(
+    cfg: DataConfig,
+    seed: int = 0,
+    labelled: bool = False,
+    label_dir: str | Path | None = None,
+) -> HeatDataModule:
+    """The data module for ``cfg`` (datasets are built lazily by ``setup``); ``labelled=True``
+    trains on ``data.label_fraction`` of the labels (see :class:`HeatDataModule`)."""
+    return HeatDataModule(cfg, seed=seed, labelled=labelled, label_dir=label_dir)

@@ -72,7 +72,26 @@ def export_timm_folder(
             f"safetensors export (`heatssl export` without --format timm) for it."
         )
     num_classes = 0 if head is None else head.fc.out_features
-    args = timm_model_args(backbone)
+    model = timm_classifier(backbone, num_classes).eval()
+    if head is not None:
+        _fold_head(model, backbone, head, image_size)
+    return save_timm_folder(
+        model, backbone.name, timm_model_args(backbone), out_dir, image_size, class_names, card
+    )
+
+
+def timm_classifier(backbone: Backbone, num_classes: int, **extra: Any) -> torch.nn.Module:
+    """A whole timm model with ``backbone``'s weights and a fresh ``num_classes`` classifier.
+
+    ``extra`` are further ``create_model`` arguments that change no weight (``drop_path_rate``).
+    Refused where the weights do not fit (anything missing besides the classifier).
+    """
+    if not backbone.is_last:
+        raise ArgumentError(
+            f"stage={backbone.stage} is not the last stage of {backbone.name}: a whole timm "
+            f"model needs every stage, and this backbone's later ones were never trained."
+        )
+    args = {**timm_model_args(backbone), **extra}
     model = timm.create_model(backbone.name, pretrained=False, num_classes=num_classes, **args)
     missing, unexpected = model.load_state_dict(backbone.model.state_dict(), strict=False)
     classifier = set(model.state_dict()) - set(backbone.model.state_dict())
@@ -81,9 +100,20 @@ def export_timm_folder(
             f"the backbone's weights do not fit timm's {backbone.name} built with {args}: "
             f"missing {sorted(set(missing) - classifier)[:5]}, unexpected {sorted(unexpected)[:5]}."
         )
-    model.eval()
-    if head is not None:
-        _fold_head(model, backbone, head, image_size)
+    return model
+
+
+def save_timm_folder(
+    model: torch.nn.Module,
+    name: str,
+    args: dict[str, Any],
+    out_dir: str | Path,
+    image_size: int,
+    class_names: list[str] | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write a whole timm ``model`` (architecture ``name``, ``create_model`` ``args``) as a folder
+    ``timm.create_model("local-dir:...", pretrained=True)`` rebuilds with no other argument."""
     out = Path(out_dir)
     model_config: dict[str, Any] = {}
     if class_names:
@@ -99,7 +129,7 @@ def export_timm_folder(
         model,
         str(out),
         model_config=model_config,
-        model_args=args,
+        model_args={k: v for k, v in args.items() if k != "drop_path_rate"},  # training only
         safe_serialization=True,
         data_config=data_config,
     )

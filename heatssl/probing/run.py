@@ -2,7 +2,9 @@
 once, train the probes, and write heads, metrics JSON and a markdown table into an output folder.
 
 A probe folder holds ``metrics.json``, ``metrics.md``, the trained heads (``<kind>_head.safetensors``),
-``embedding.png`` (t-SNE map of the val features, ``probe.embedding``) and the resolved ``config.yaml``.
+``embedding.png`` (t-SNE map of the val features, ``probe.embedding``) and the resolved ``config.yaml``;
+with ``data.label_fraction < 1`` the probes train on that class-balanced share of the train split
+only (val stays whole), listed in ``label_subset.json``.
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ def probe(
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, cfg)
     torch.manual_seed(cfg.seed)
     backbone = resolve_backbone(source, cfg, named=named)
-    data = build_datamodule(cfg.data, seed=cfg.seed)
+    # data.label_fraction < 1: only the labelled subset's features are extracted and trained on
+    data = build_datamodule(cfg.data, seed=cfg.seed, labelled=True, label_dir=out)
     batch = max(cfg.data.batch_size, 128)
     cache = build_cache(
         backbone,
@@ -208,6 +211,8 @@ def probe(
         "image_size": cfg.data.image_size,
         "train_images": len(cache.train),
         "val_images": len(cache.val),
+        "label_fraction": cfg.data.label_fraction,
+        "labelled_images": len(data.train_dataset),
         "output_stride": backbone.create_kwargs.get("output_stride"),
         "feature_grid": list(cache.train.grid_shape),
         "extract_seconds": cache.seconds,
@@ -215,6 +220,12 @@ def probe(
         **_embedding(cache, cfg, out, backbone.name),
     }
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    table = metrics_markdown(metrics, title or f"{backbone.name} ({source}) on {cfg.data.name}")
+    heading = title or f"{backbone.name} ({source}) on {cfg.data.name}"
+    if cfg.data.label_fraction < 1.0:
+        heading += (
+            f", data.label_fraction={cfg.data.label_fraction:g} "
+            f"({len(data.train_dataset)} labelled images)"
+        )
+    table = metrics_markdown(metrics, heading)
     (out / "metrics.md").write_text(table)
     return ProbeResult(out, report, cache)

@@ -12,7 +12,7 @@ import os
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -238,9 +238,17 @@ def _checkpoint_callbacks(cfg: Config, run_dir: Path) -> list[L.Callback]:
 
 
 def build_trainer(
-    cfg: Config, run_dir: Path, callbacks: list[L.Callback] | None = None
+    cfg: Config,
+    run_dir: Path,
+    callbacks: list[L.Callback] | None = None,
+    task: Literal["pretrain", "finetune"] = "pretrain",
 ) -> L.Trainer:
-    """A Lightning Trainer for ``cfg`` writing into ``run_dir`` (plus any extra ``callbacks``)."""
+    """A Lightning Trainer for ``cfg`` writing into ``run_dir`` (plus any extra ``callbacks``).
+
+    ``task="finetune"`` is the same machine settings and fault handling for a classifier: no
+    reconstruction pictures, validation every epoch, no gradient clipping (fine-tuning recipes
+    use none), and ``trainer.max_epochs`` as the caller set it (``finetune.epochs``).
+    """
     t = cfg.trainer
     check_machine(cfg)
     on_gpu = _uses_gpu(cfg)
@@ -249,7 +257,11 @@ def build_trainer(
     trainer_callbacks: list[L.Callback] = [
         *_checkpoint_callbacks(cfg, run_dir),
         BadImageReport(run_dir / "bad_images.txt"),
-        ReconstructionPictures(run_dir / "pictures", t.picture_every_n_epochs),
+        *(
+            [ReconstructionPictures(run_dir / "pictures", t.picture_every_n_epochs)]
+            if task == "pretrain"
+            else []
+        ),
         RunReport(),
         SignalCheckpoint(checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps),
     ]
@@ -259,7 +271,7 @@ def build_trainer(
         # SLURM job keeps torchrun's ranks, as Lightning would choose)
         plugins.append(SLURMEnvironment(auto_requeue=False))
     logger = _logger(cfg, run_dir)
-    if logger:
+    if logger and task == "pretrain":  # fine-tuning logs one lr (the head's), not every layer's
         trainer_callbacks.append(LearningRateMonitor(logging_interval="step"))
     if t.progress_bar:  # the bar reads the loss on the host: as often as the logger, not every step
         trainer_callbacks.append(LossProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
@@ -277,9 +289,11 @@ def build_trainer(
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         sync_batchnorm=t.sync_batchnorm,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=t.gradient_clip_val if task == "pretrain" else None,
         limit_train_batches=t.limit_train_batches,
-        limit_val_batches=1.0 if cfg.probe.online else 0,
+        limit_val_batches=1.0 if cfg.probe.online or task == "finetune" else 0,
+        num_sanity_val_steps=0 if task == "finetune" else None,
+        check_val_every_n_epoch=cfg.finetune.val_every_n_epochs if task == "finetune" else 1,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar,
         benchmark=on_gpu,  # cuDNN picks its fastest kernels for the (fixed) input sizes

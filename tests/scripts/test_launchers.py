@@ -101,8 +101,24 @@ def test_linear_eval_and_heatmaps_dry_runs():
     assert "heatmaps run/last.ckpt data.num_workers=2 --head h.safetensors" in out.stdout
 
 
+def test_finetune_dry_run_on_four_gpus_keeps_the_users_overrides():
+    out = _dry(
+        "finetune.sh",
+        "resnet18",
+        "-c",
+        "imagenette",
+        "data.label_fraction=0.1",
+        GPUS="4",
+        BATCH="96",
+    )
+    assert out.returncode == 0, out.stderr
+    assert "finetune resnet18 trainer.accelerator=gpu trainer.devices=4" in out.stdout
+    assert "trainer.strategy=ddp" in out.stdout and "data.batch_size=96" in out.stdout
+    assert "label_fraction: 0.1" in out.stdout and "recipe: cnn" in out.stdout
+
+
 def test_scripts_without_arguments_print_usage():
-    for script in ("pretrain.sh", "linear_eval.sh", "heatmaps.sh"):
+    for script in ("pretrain.sh", "linear_eval.sh", "heatmaps.sh", "finetune.sh"):
         out = subprocess.run(["bash", str(SCRIPTS / script)], capture_output=True, text=True)
         assert out.returncode == 2 and "usage:" in out.stderr
 

@@ -5,6 +5,7 @@ same global batch), only rank 0 may write files, and a 2-process run resumed fro
 checkpoint must end where the uninterrupted run ended.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,37 @@ def test_every_recipe_pretrains_under_two_process_ddp(recipe, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 2  # 16 images, 4 per rank, 2 ranks
+
+
+def test_finetuning_under_two_process_ddp_scores_the_whole_val_split(tmp_path):
+    """Fine-tuning on the pretraining Trainer, 2 gloo ranks: every val image is scored once (the
+    metrics sync over processes) and process 0 alone writes the report and the timm folder."""
+    out = tmp_path / "ft"
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        "model.backbone=test_resnet",
+        "model.output_stride=8",
+        "data.name=synthetic",
+        "data.synthetic_size=40",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.progress_bar=false",
+        "finetune.epochs=1",
+        f"finetune.out_dir={out}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "heatssl.cli", "finetune", "test_resnet", "-c", "demo", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_scored"] == metrics["val_images"] == 10  # 40 images: one per class held out
+    assert (out / "model_timm" / "model.safetensors").is_file()
