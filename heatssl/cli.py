@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="last",
         default=None,
-        help="continue this fine-tuning run (OUT/checkpoints/last.ckpt, or a .ckpt path)",
+        help="continue this fine-tuning run from OUT/checkpoints/last.ckpt (bare --resume), a "
+        "given .ckpt, or 'auto' (last.ckpt if there is one, else start afresh: for requeued jobs)",
     )
     p.add_argument("--force", action="store_true", help="take over the folder's run lock")
 

@@ -7,7 +7,10 @@ anything ``heatssl finetune`` takes: an exported ``.safetensors`` backbone (``sc
 writes QB-Heat's and LightlySSL SimCLR's), a checkpoint, a timm folder or a bare timm name.
 
 Needs an Imagenette copy (``../shared/data/imagenette-128``). The JSON is rewritten after every
-run, so a crash loses at most the run in progress; ``--skip-done`` continues a partial JSON.
+run, so a crash loses at most the run in progress; ``--skip-done`` continues a partial JSON, and
+a run folder with a ``last.ckpt`` but no ``metrics.json`` (a stopped run) is resumed, its row marked
+``resumed`` (its ``minutes`` then cover only the part after the resume). ``--seed`` repeats the
+table with another training seed (the label subset is drawn from the data, so it stays the same).
 
 Usage::
 
@@ -45,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", default="bench_results/runs_finetune")
     p.add_argument("--out", default="bench_results/finetune.json")
     p.add_argument("--skip-done", action="store_true", help="keep the runs already in --out")
+    p.add_argument("--seed", type=int, default=0, help="training seed (folders get _sN if not 0)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     return p.parse_args(argv)
 
@@ -52,8 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one(args: argparse.Namespace, name: str, source: str, fraction: float) -> dict[str, Any]:
     """One fine-tuning run; its figures."""
     epochs = max(1, round(args.epochs / fraction))
-    out = Path(args.runs) / f"{name}_labels{fraction:g}"
+    out = Path(args.runs) / (f"{name}_labels{fraction:g}" + (f"_s{args.seed}" if args.seed else ""))
+    resume = "last" if (out / "checkpoints" / "last.ckpt").is_file() else None
+    if (out / "metrics.json").is_file():
+        resume = None  # a finished run: start again
     overrides = [
+        f"seed={args.seed}",
         f"run_dir={out}",
         "data.name=imagefolder",
         f"data.root={args.data}",
@@ -70,12 +78,14 @@ def run_one(args: argparse.Namespace, name: str, source: str, fraction: float) -
     ]
     cfg = load_config("imagenette", overrides)
     start = time.perf_counter()
-    result = finetune(source, cfg, force=True)
+    result = finetune(source, cfg, resume=resume, force=True)
     m = result.metrics
     return {
         "start": name,
         "source": source,
         "label_fraction": fraction,
+        "seed": args.seed,
+        "resumed": resume is not None,
         "train_images": m["train_images"],
         "epochs": epochs,
         "best_top1": m["best"][m["reported"]],
@@ -95,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     if args.skip_done and out.is_file():
         results = json.loads(out.read_text())["results"]
-    done = {(r["start"], r["label_fraction"]) for r in results}
+    done = {(r["start"], r["label_fraction"], r.get("seed", 0)) for r in results}
     for fraction in args.fractions:
         for name, source in starts.items():
-            if (name, fraction) in done:
+            if (name, fraction, args.seed) in done:
                 continue
             results.append(run_one(args, name, source, fraction))
             out.parent.mkdir(parents=True, exist_ok=True)

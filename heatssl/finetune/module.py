@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from heatssl.config import Config, FinetuneConfig
 from heatssl.data.transforms import to_model_input
-from heatssl.model.optim import scaled_lr, warmup_cosine
+from heatssl.model.optim import epoch_warmup_cosine, scaled_lr
 
 
 class FinetuneModule(L.LightningModule):
@@ -169,13 +169,12 @@ class FinetuneModule(L.LightningModule):
         )
         for group in optimizer.param_groups:  # timm's own schedulers apply lr_scale; LambdaLR not
             group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-        warmup = int(r.warmup_epochs * per_epoch)
-
-        def factor(step: int) -> float:
-            return warmup_cosine(step, warmup, total, r.min_lr_ratio)
-
+        factor = epoch_warmup_cosine(
+            int(self.trainer.estimated_stepping_batches),
+            self.trainer.max_epochs,
+            r.warmup_epochs,
+            r.min_lr_ratio,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from collections.abc import Collection
@@ -34,7 +35,7 @@ from heatssl.model.timm_folder import (
 )
 from heatssl.probing.run import resolve_backbone, source_kind
 from heatssl.train.checkpoint import pickle_trusted
-from heatssl.train.lock import RunLock
+from heatssl.train.lock import holding_run_lock
 from heatssl.train.pictures import save_figure
 from heatssl.train.trainer import build_trainer, checkpoint_dir
 
@@ -109,7 +110,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``source`` on ``cfg.data``'s labels with ``cfg.finetune``; write the folder.
 
-    ``resume`` is a checkpoint of this fine-tuning run (``last`` for ``OUT/checkpoints/last.ckpt``).
+    ``resume`` is a checkpoint of this fine-tuning run (``last`` for ``OUT/checkpoints/last.ckpt``;
+    ``auto``: that one if it exists, else a fresh start, which is what a requeued job wants).
     """
     _check(cfg)
     out = default_out_dir(source, cfg)
@@ -124,21 +126,21 @@ def finetune(
     num_classes = datamodule.num_classes
     model = timm_classifier(backbone, num_classes, drop_path_rate=recipe.drop_path)
     module = FinetuneModule(model, run_cfg, recipe, num_classes)
-    trainer = build_trainer(run_cfg, out, callbacks, task="finetune")
+    config_file = shlex.quote(str(out / "config.yaml"))
+    again = f"heatssl finetune {shlex.quote(source)} -c {config_file} --resume"
+    trainer = build_trainer(run_cfg, out, callbacks, task="finetune", resume_command=again)
+    last = checkpoint_dir(out) / "last.ckpt"
+    if resume == "auto":
+        resume = "last" if last.is_file() else None
     ckpt_path = None
     if resume is not None:
-        ckpt_path = str(checkpoint_dir(out) / "last.ckpt") if resume == "last" else resume
+        ckpt_path = str(last) if resume == "last" else resume
         if not Path(ckpt_path).is_file():
             raise ConfigError(
                 f"--resume {resume}: no checkpoint at {ckpt_path}. Give a .ckpt of this "
                 f"fine-tuning run, or start without --resume."
             )
-    lock = RunLock(out, force=force) if trainer.is_global_zero else None
-    if lock is not None:
-        lock.acquire()
-        if lock.note:
-            print(f"heatssl: {lock.note}", file=sys.stderr)
-    try:
+    with holding_run_lock(out, trainer.is_global_zero, force):
         if trainer.is_global_zero:
             save_config(run_cfg, out / "config.yaml")
             print(
@@ -152,9 +154,6 @@ def finetune(
             module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_trusted()
         )
         seconds = time.perf_counter() - start
-    finally:
-        if lock is not None:
-            lock.release()
     metrics = _metrics(module, source, backbone, recipe, datamodule, seconds)
     model_dir = None
     if trainer.is_global_zero:

@@ -3,12 +3,14 @@
 - :func:`weight_decay_groups`: AdamW parameter groups by timm's rule (no decay on biases, norms and
   the names a module's ``no_weight_decay()`` lists, such as the heat operators A and B).
 - :func:`scaled_lr`: MAE's linear scaling rule, ``base_lr x batch / 256``.
-- :func:`warmup_cosine`: linear warm-up, then cosine decay, as an lr multiplier per step.
+- :func:`warmup_cosine`: linear warm-up, then cosine decay, as an lr multiplier per step;
+  :func:`epoch_warmup_cosine` the same for a run counted in epochs (a ``LambdaLR`` lambda).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from timm.optim import param_groups_weight_decay
@@ -21,6 +23,20 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def epoch_warmup_cosine(
+    total_steps: int, epochs: int, warmup_epochs: float, min_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """:func:`warmup_cosine` per optimiser step of a run of ``total_steps`` steps over ``epochs``
+    epochs, warming up for ``warmup_epochs`` of them (the lambda of a step-wise ``LambdaLR``)."""
+    total = max(1, total_steps)
+    warmup = int(warmup_epochs * max(1, total // max(1, epochs)))
+
+    def factor(step: int) -> float:
+        return warmup_cosine(step, warmup, total, min_ratio)
+
+    return factor
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:

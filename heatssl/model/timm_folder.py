@@ -125,14 +125,23 @@ def save_timm_folder(
         "crop_pct": 1.0,  # heatssl evaluates the centred square of the short side
         "interpolation": "bilinear",
     }
-    save_for_hf(
-        model,
-        str(out),
-        model_config=model_config,
-        model_args={k: v for k, v in args.items() if k != "drop_path_rate"},  # training only
-        safe_serialization=True,
-        data_config=data_config,
-    )
+    # safetensors refuses strided tensors: a channels_last model (the GPU setting) is written in
+    # the standard layout and put back as it was
+    channels_last = any(not p.is_contiguous() for p in model.parameters())
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    try:
+        save_for_hf(
+            model,
+            str(out),
+            model_config=model_config,
+            model_args={k: v for k, v in args.items() if k != "drop_path_rate"},  # training only
+            safe_serialization=True,
+            data_config=data_config,
+        )
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     pretrained_cfg = config["pretrained_cfg"]

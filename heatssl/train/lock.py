@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,16 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def holding_run_lock(run_dir: str | Path, take: bool, force: bool = False) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block when ``take`` (the process that writes: DDP rank 0),
+    printing what happened to a lock it took over; other processes run the block unlocked."""
+    if not take:
+        yield
+        return
+    with RunLock(run_dir, force=force) as lock:
+        if lock.note:
+            print(f"heatssl: {lock.note}", file=sys.stderr)
+        yield

@@ -23,7 +23,7 @@ from heatssl.data.datasets import Batch
 from heatssl.data.transforms import denormalize, to_model_input
 from heatssl.errors import CheckpointError, NonFiniteLossError
 from heatssl.model.heads import LinearHead
-from heatssl.model.optim import warmup_cosine, weight_decay_groups
+from heatssl.model.optim import epoch_warmup_cosine, warmup_cosine, weight_decay_groups
 from heatssl.model.qbheat import patch_normalize
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
 from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
@@ -269,13 +269,12 @@ class HeatPretrainModule(L.LightningModule):
                 )
 
         else:
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-            warmup = int(opt.warmup_epochs * per_epoch)
-
-            def factor(step: int) -> float:
-                return warmup_cosine(step, warmup, total, opt.min_lr_ratio)
-
+            factor = epoch_warmup_cosine(
+                int(self.trainer.estimated_stepping_batches),
+                self.trainer.max_epochs,
+                opt.warmup_epochs,
+                opt.min_lr_ratio,
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {
             "optimizer": optimizer,

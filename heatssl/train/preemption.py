@@ -91,10 +91,15 @@ class SignalCheckpoint(L.Callback):
         check_every: Batches between two looks at the flag when several processes run (each look is
             one small all-reduce and a host read); the signal's notice must cover that many steps
             and a save. A one-process run looks after every batch.
+        resume_command: The command the stop message tells the user to run (default: pretraining's,
+            :func:`resume_hint`); fine-tuning passes its own.
     """
 
-    def __init__(self, checkpoint: str | Path, check_every: int) -> None:
+    def __init__(
+        self, checkpoint: str | Path, check_every: int, resume_command: str | None = None
+    ) -> None:
         self.checkpoint = Path(checkpoint)
+        self.resume_command = resume_command or resume_hint(self.checkpoint.parent.parent)
         self.check_every = max(1, check_every)
         self.requested = False  # a preemption notice (requeue)
         self.stop_signal: int | None = None  # the first SIGINT / SIGTERM
@@ -115,7 +120,7 @@ class SignalCheckpoint(L.Callback):
         raise Interrupted(
             f"{STOP_SIGNALS[signum]} a second time: stopped at once, without saving{during}. "
             f"{self.checkpoint} is the last checkpoint, if there is one; continue with "
-            f"`{resume_hint(self.checkpoint.parent.parent)}`.",
+            f"`{self.resume_command}`.",
             signum,
         )
 
@@ -197,11 +202,11 @@ class SignalCheckpoint(L.Callback):
             raise Interrupted(
                 f"{STOP_SIGNALS[self.stop_signal]}: saved {self.checkpoint} at step {step} "
                 f"(epoch {trainer.current_epoch}); continue with "
-                f"`{resume_hint(self.checkpoint.parent.parent)}`.",
+                f"`{self.resume_command}`.",
                 self.stop_signal,
             )
         job = slurm_job_id()
-        outcome = "no SLURM job to requeue; continue with --resume auto"
+        outcome = f"no SLURM job to requeue; continue with `{self.resume_command}`"
         if job is not None and trainer.is_global_zero:
             outcome = requeue(job)
         elif job is not None:

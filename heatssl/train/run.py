@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from heatssl.model.backbone import Backbone
 from heatssl.model.export import export_backbone
 from heatssl.train.build import scale_line
 from heatssl.train.checkpoint import pickle_trusted, safe_torch_load
-from heatssl.train.lock import RunLock
+from heatssl.train.lock import holding_run_lock
 from heatssl.train.module import HeatPretrainModule, drop_pruned_layers
 from heatssl.train.trainer import build_trainer, checkpoint_dir
 
@@ -128,16 +127,8 @@ def pretrain(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks)
-    lock = RunLock(run_dir, force=force) if trainer.is_global_zero else None
-    if lock is not None:
-        lock.acquire()
-        if lock.note:
-            print(f"heatssl: {lock.note}", file=sys.stderr)
-    try:
+    with holding_run_lock(run_dir, trainer.is_global_zero, force):
         return _pretrain_locked(cfg, resume, trainer, run_dir)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _pretrain_locked(

@@ -242,12 +242,14 @@ def build_trainer(
     run_dir: Path,
     callbacks: list[L.Callback] | None = None,
     task: Literal["pretrain", "finetune"] = "pretrain",
+    resume_command: str | None = None,
 ) -> L.Trainer:
     """A Lightning Trainer for ``cfg`` writing into ``run_dir`` (plus any extra ``callbacks``).
 
     ``task="finetune"`` is the same machine settings and fault handling for a classifier: no
     reconstruction pictures, validation every epoch, no gradient clipping (fine-tuning recipes
     use none), and ``trainer.max_epochs`` as the caller set it (``finetune.epochs``).
+    ``resume_command`` is what a stop by signal tells the user to run (default: pretraining's).
     """
     t = cfg.trainer
     check_machine(cfg)
@@ -263,7 +265,9 @@ def build_trainer(
             else []
         ),
         RunReport(),
-        SignalCheckpoint(checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps),
+        SignalCheckpoint(
+            checkpoint_dir(run_dir) / "last.ckpt", t.log_every_n_steps, resume_command
+        ),
     ]
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():

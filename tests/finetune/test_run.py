@@ -1,5 +1,9 @@
 import json
+import os
+import shlex
+import signal
 
+import lightning as L
 import pytest
 import timm
 import torch
@@ -8,6 +12,7 @@ from heatssl.cli import main
 from heatssl.config import ConfigError, load_config
 from heatssl.data.labels import read_label_subset
 from heatssl.finetune.run import finetune
+from heatssl.train.preemption import Interrupted
 from tests.helpers import tiny_settings
 
 PLAIN = [  # no augmentation or mixing: a few epochs learn the digits well above chance
@@ -124,3 +129,61 @@ def test_resume_continues_the_run_and_keeps_every_epochs_metrics(tmp_path):
     assert [row["epoch"] for row in epochs] == [1, 2] and epochs[0] == first[0]
     with pytest.raises(ConfigError, match="no checkpoint"):
         finetune("test_resnet", load_config("demo", base), resume=str(tmp_path / "none.ckpt"))
+
+
+class _SigtermAt(L.Callback):
+    """Sends this process SIGTERM before training batch ``at`` (counted over the run)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.seen == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.seen += 1
+
+
+def test_sigterm_saves_and_names_the_finetune_command_that_resumes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ft"
+    base = [*tiny_settings(tmp_path / "run"), f"finetune.out_dir={out}", "finetune.epochs=2"]
+    with pytest.raises(Interrupted) as stopped:
+        finetune("test_resnet", load_config("demo", base), callbacks=[_SigtermAt(2)])
+    hint = str(stopped.value).split("`")[1]
+    assert hint == f"heatssl finetune test_resnet -c {out / 'config.yaml'} --resume", hint
+    assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "metrics.json").exists()
+    assert main(shlex.split(hint)[1:]) == 0  # the printed command is the one that works
+    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    assert [row["epoch"] for row in epochs] == [1, 2]
+
+
+def test_resume_auto_starts_afresh_without_a_checkpoint_and_resumes_with_one(tmp_path):
+    out = tmp_path / "ft"
+    base = [*tiny_settings(tmp_path / "run"), f"finetune.out_dir={out}"]
+    fresh = finetune(
+        "test_resnet", load_config("demo", [*base, "finetune.epochs=1"]), resume="auto"
+    )
+    assert [row["epoch"] for row in fresh.metrics["epochs"]] == [1]
+    again = finetune(
+        "test_resnet", load_config("demo", [*base, "finetune.epochs=2"]), resume="auto"
+    )
+    epochs = again.metrics["epochs"]
+    assert [row["epoch"] for row in epochs] == [1, 2] and epochs[0] == fresh.metrics["epochs"][0]
+
+
+def test_a_channels_last_run_writes_its_timm_folder(tmp_path):
+    # the GPU setting: safetensors refuses the strided weights of a channels_last model
+    out = tmp_path / "ft"
+    cfg = load_config(
+        "demo",
+        [
+            *tiny_settings(tmp_path / "run"),
+            "finetune.epochs=1",
+            f"finetune.out_dir={out}",
+            "trainer.channels_last=true",
+        ],
+    )
+    result = finetune("test_resnet", cfg)
+    model = timm.create_model(f"local-dir:{result.model_dir}", pretrained=True).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)

@@ -6,7 +6,12 @@ import pytest
 
 from heatssl.model.backbone import Backbone
 from heatssl.model.heads import LinearHead, Tran1Head
-from heatssl.model.optim import scaled_lr, warmup_cosine, weight_decay_groups
+from heatssl.model.optim import (
+    epoch_warmup_cosine,
+    scaled_lr,
+    warmup_cosine,
+    weight_decay_groups,
+)
 from heatssl.model.qbheat import QBHeat
 
 
@@ -18,6 +23,16 @@ def test_warmup_then_cosine():
     assert warmup_cosine(100, warmup=10, total=100, min_ratio=0.1) == pytest.approx(0.1)
     mids = [warmup_cosine(s, 10, 100) for s in range(10, 100)]
     assert all(a >= b for a, b in itertools.pairwise(mids))  # never rises after warm-up
+
+
+def test_epoch_schedule_warms_up_over_its_epochs_and_ends_at_the_floor():
+    factor = epoch_warmup_cosine(total_steps=100, epochs=10, warmup_epochs=2, min_ratio=0.1)
+    ramp = [factor(s) for s in range(20)]  # 2 epochs of 10 steps
+    assert ramp == pytest.approx([(s + 1) / 20 for s in range(20)])
+    assert factor(20) == pytest.approx(1.0)
+    assert factor(100) == pytest.approx(0.1)
+    assert all(factor(s) >= factor(s + 1) for s in range(20, 100))
+    assert epoch_warmup_cosine(total_steps=7, epochs=10, warmup_epochs=0)(0) == pytest.approx(1.0)
 
 
 def test_lr_scales_with_batch():

@@ -2,6 +2,7 @@
 (a faked SLURM environment, gloo), a real SIGUSR1, a stand-in ``scontrol`` that records the requeue.
 Ctrl-C and SIGTERM: a real signal to a real ``heatssl pretrain`` process group, then ``--resume``."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from heatssl.train.checkpoint import safe_torch_load
 from tests.helpers import same_on_every_rank, tiny_settings
 
 ENTRY = Path(__file__).with_name("kill_entry.py")
+SRUN_TIMEOUT_S = 240  # a job step runs in about 30 s alone; a stall fails instead of hanging
 STEPS = 9  # 48 images, 8 per process and step, 2 processes: 3 steps per epoch, 3 epochs
 
 
@@ -80,10 +82,21 @@ def _srun(
         )
         for rank in (0, 1)
     ]
+    deadline = time.monotonic() + SRUN_TIMEOUT_S
     done = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        # a stalled rank must fail the test with what both printed, not hang the suite
+        tails = []
+        for rank, proc in enumerate(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            tails.append(f"--- rank {rank} (exit {proc.returncode}) stderr:\n{err[-2500:]}")
+        pytest.fail(f"the job step did not end in {SRUN_TIMEOUT_S} s:\n" + "\n".join(tails))
     return done
 
 
