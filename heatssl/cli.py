@@ -43,6 +43,16 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def _add_run_args(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """``--resume`` and ``--force`` of the commands that train into a locked folder."""
+    p.add_argument("--resume", nargs="?", const="last", default=None, help=resume_help)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run even if another live heatssl process holds the folder's run.lock",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="heatssl", description=DESCRIPTION)
@@ -57,18 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "data.root=/data/imagenette trainer.max_time=15",
     )
     _add_config_args(p, default=None)
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="last",
-        default=None,
-        help="continue from the run folder's last.ckpt (bare --resume), a given .ckpt, or 'auto' "
+    _add_run_args(
+        p,
+        "continue from the run folder's last.ckpt (bare --resume), a given .ckpt, or 'auto' "
         "(the newest of last.ckpt and SLURM requeue checkpoints; start afresh if none)",
-    )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="train even if another live heatssl process holds the run folder's run.lock",
     )
     p.add_argument(
         "--benchmark-loader",
@@ -136,15 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         "timm name (random initialisation)",
     )
     _add_config_args(p, default=None)
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="last",
-        default=None,
-        help="continue this fine-tuning run from OUT/checkpoints/last.ckpt (bare --resume), a "
+    _add_run_args(
+        p,
+        "continue this fine-tuning run from OUT/checkpoints/last.ckpt (bare --resume), a "
         "given .ckpt, or 'auto' (last.ckpt if there is one, else start afresh: for requeued jobs)",
     )
-    p.add_argument("--force", action="store_true", help="take over the folder's run lock")
 
     p = sub.add_parser(
         "heatmaps",

@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from heatssl.config import Config, FinetuneConfig
 from heatssl.data.transforms import to_model_input
-from heatssl.model.optim import epoch_warmup_cosine, scaled_lr
+from heatssl.model.optim import epoch_warmup_cosine, scaled_lr, step_schedule
 
 
 class FinetuneModule(L.LightningModule):
@@ -175,11 +175,7 @@ class FinetuneModule(L.LightningModule):
             r.warmup_epochs,
             r.min_lr_ratio,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return step_schedule(optimizer, factor)
 
     def final_model(self) -> nn.Module:
         """The weights to export and report: the EMA's when on, else the trained model's."""

@@ -15,6 +15,8 @@ from typing import Any
 
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -37,6 +39,13 @@ def epoch_warmup_cosine(
         return warmup_cosine(step, warmup, total, min_ratio)
 
     return factor
+
+
+def step_schedule(optimizer: Optimizer, factor: Callable[[int], float]) -> dict[str, Any]:
+    """``optimizer`` with a ``LambdaLR`` of ``factor`` stepped every optimiser step, in the form
+    Lightning's ``configure_optimizers`` returns."""
+    scheduler = LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:

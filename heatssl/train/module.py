@@ -23,7 +23,12 @@ from heatssl.data.datasets import Batch
 from heatssl.data.transforms import denormalize, to_model_input
 from heatssl.errors import CheckpointError, NonFiniteLossError
 from heatssl.model.heads import LinearHead
-from heatssl.model.optim import epoch_warmup_cosine, warmup_cosine, weight_decay_groups
+from heatssl.model.optim import (
+    epoch_warmup_cosine,
+    step_schedule,
+    warmup_cosine,
+    weight_decay_groups,
+)
 from heatssl.model.qbheat import patch_normalize
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
 from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
@@ -275,11 +280,7 @@ class HeatPretrainModule(L.LightningModule):
                 opt.warmup_epochs,
                 opt.min_lr_ratio,
             )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return step_schedule(optimizer, factor)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
