@@ -201,14 +201,17 @@ def _print_config(cfg: Config) -> None:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
 
+def _named_model_keys(overrides: list[str]) -> set[str]:
+    """The ``model.*`` keys given on the command line (they override a checkpoint's own)."""
+    return {o.split("=", 1)[0].removeprefix("model.") for o in overrides if o.startswith("model.")}
+
+
 def _probe(args: argparse.Namespace) -> int:
     cfg = probing.probe_config(args.source, args.config, args.overrides)
     if args.print_config:
         _print_config(cfg)
         return 0
-    named = {
-        o.split("=", 1)[0].removeprefix("model.") for o in args.overrides if o.startswith("model.")
-    }
+    named = _named_model_keys(args.overrides)
     result = probing.probe(args.source, cfg, args.out, named=named)
     print((result.out_dir / "metrics.md").read_text())
     print(f"heatssl: probe heads, metrics.json and metrics.md in {result.out_dir}")
@@ -220,9 +223,7 @@ def _finetune(args: argparse.Namespace) -> int:
     if args.print_config:
         _print_config(cfg)
         return 0
-    named = {
-        o.split("=", 1)[0].removeprefix("model.") for o in args.overrides if o.startswith("model.")
-    }
+    named = _named_model_keys(args.overrides)
     result = finetuning.finetune(
         args.source, cfg, named=named, resume=args.resume, force=args.force
     )
