@@ -17,7 +17,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -31,6 +31,7 @@ from heatssl.train.callbacks import (
     batches_seen,
 )
 from heatssl.train.checkpoint import AtomicCheckpointIO
+from heatssl.train.csv_log import ResumableCSVLogger
 from heatssl.train.preemption import SignalCheckpoint
 
 
@@ -155,7 +156,7 @@ def _logger(cfg: Config, run_dir: Path) -> Logger | bool:
                 "or use trainer.logger=csv (the default)."
             )
         return TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard")
-    return CSVLogger(save_dir=str(run_dir), name="", version="")
+    return ResumableCSVLogger(save_dir=str(run_dir), name="", version="")
 
 
 class LossProgressBar(TQDMProgressBar):
