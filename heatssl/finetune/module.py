@@ -127,14 +127,16 @@ class FinetuneModule(L.LightningModule):
         self.log("val/loss", loss, batch_size=x.shape[0], sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        row: dict[str, float] = {"epoch": float(self.current_epoch + 1)}
+        row: dict[str, float] = {"epoch": self.current_epoch + 1}
         for prefix, metrics in (("", self.metrics), ("ema_", getattr(self, "ema_metrics", None))):
             if metrics is None:
                 continue
             for name in ("top1", "top5"):
                 value = float(metrics[name].compute()) * 100
                 row[f"{prefix}{name}"] = value
-                self.log(f"val/{prefix}{name}", value, sync_dist=False)
+                # every process holds the same value (the metric synced itself); the mean of
+                # equal values keeps it, and Lightning asks for it under DDP
+                self.log(f"val/{prefix}{name}", value, sync_dist=True)
                 metrics[name].reset()
             confusion = metrics["confusion"].compute().cpu()
             metrics["confusion"].reset()

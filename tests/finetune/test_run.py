@@ -42,6 +42,7 @@ def test_finetuning_learns_and_writes_metrics_confusion_and_a_timm_folder(tmp_pa
     result = finetune("test_resnet", cfg)
     m = json.loads((out / "metrics.json").read_text())
     assert [row["epoch"] for row in m["epochs"]] == [1, 2, 3]
+    assert all(isinstance(row["epoch"], int) for row in m["epochs"])
     assert m["best"]["top1"] > 40, m["epochs"]  # 10 classes: chance is 10
     assert m["final"]["top5"] >= m["final"]["top1"]
     assert (out / "confusion.png").stat().st_size > 5000 and "best val top-1" in (
