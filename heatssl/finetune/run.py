@@ -37,7 +37,8 @@ from heatssl.probing.run import resolve_backbone, source_kind
 from heatssl.train.checkpoint import pickle_trusted
 from heatssl.train.lock import holding_run_lock
 from heatssl.train.pictures import save_figure
-from heatssl.train.trainer import build_trainer, checkpoint_dir
+from heatssl.train.run import agreed_resume
+from heatssl.train.trainer import build_trainer
 
 
 @dataclass
@@ -129,17 +130,8 @@ def finetune(
     config_file = shlex.quote(str(out / "config.yaml"))
     again = f"heatssl finetune {shlex.quote(source)} -c {config_file} --resume"
     trainer = build_trainer(run_cfg, out, callbacks, task="finetune", resume_command=again)
-    last = checkpoint_dir(out) / "last.ckpt"
-    if resume == "auto":
-        resume = "last" if last.is_file() else None
-    ckpt_path = None
-    if resume is not None:
-        ckpt_path = str(last) if resume == "last" else resume
-        if not Path(ckpt_path).is_file():
-            raise ConfigError(
-                f"--resume {resume}: no checkpoint at {ckpt_path}. Give a .ckpt of this "
-                f"fine-tuning run, or start without --resume."
-            )
+    # pretraining's rule (last / auto / a path), decided by process 0 for every process
+    ckpt_path = agreed_resume(run_cfg, resume, trainer)
     with holding_run_lock(out, trainer.is_global_zero, force):
         if trainer.is_global_zero:
             save_config(run_cfg, out / "config.yaml")

@@ -127,7 +127,12 @@ def save_timm_folder(
     }
     # safetensors refuses strided tensors: a channels_last model (the GPU setting) is written in
     # the standard layout and put back as it was
-    channels_last = any(not p.is_contiguous() for p in model.parameters())
+    channels_last = any(
+        p.dim() == 4
+        and not p.is_contiguous()
+        and p.is_contiguous(memory_format=torch.channels_last)
+        for p in model.parameters()
+    )
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     try:
