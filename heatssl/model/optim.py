@@ -41,6 +41,26 @@ def epoch_warmup_cosine(
     return factor
 
 
+def clock_warmup_cosine(
+    elapsed: Callable[[], float], budget_s: float, warmup: float = 0.1, min_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """:func:`warmup_cosine` over a time budget instead of a step count: the factor follows
+    ``elapsed()`` seconds out of ``budget_s`` (warm-up over the first ``warmup`` of it), so a run cut
+    by ``trainer.max_time`` ends its cosine with the budget whatever its step speed. The step
+    argument of the returned lambda is ignored; the clock decides."""
+    if budget_s <= 0:
+        raise ValueError(f"budget_s={budget_s!r}: a time budget must be positive seconds")
+    resolution = 10_000
+
+    def factor(_step: int) -> float:
+        done = min(1.0, max(0.0, elapsed() / budget_s))
+        return warmup_cosine(
+            int(done * resolution), int(warmup * resolution), resolution, min_ratio
+        )
+
+    return factor
+
+
 def step_schedule(optimizer: Optimizer, factor: Callable[[int], float]) -> dict[str, Any]:
     """``optimizer`` with a ``LambdaLR`` of ``factor`` stepped every optimiser step, in the form
     Lightning's ``configure_optimizers`` returns."""

@@ -24,9 +24,9 @@ from heatssl.data.transforms import denormalize, to_model_input
 from heatssl.errors import CheckpointError, NonFiniteLossError
 from heatssl.model.heads import LinearHead
 from heatssl.model.optim import (
+    clock_warmup_cosine,
     epoch_warmup_cosine,
     step_schedule,
-    warmup_cosine,
     weight_decay_groups,
 )
 from heatssl.model.qbheat import patch_normalize
@@ -36,7 +36,6 @@ from heatssl.train.callbacks import batches_seen
 from heatssl.train.checkpoint import restore_rng, rng_state
 from heatssl.train.nonfinite import NonFiniteWatch
 
-TIME_STEPS = 10_000  # resolution of a time-based schedule (trainer.max_time)
 TIME_WARMUP = 0.1  # its warm-up, as a fraction of the budget (as scripts/compare.py)
 
 
@@ -263,15 +262,12 @@ class HeatPretrainModule(L.LightningModule):
         budget = self.cfg.trainer.max_time_seconds()
         if budget:  # the schedule follows the clock: warm-up over 10% of the budget, then cosine
             timer = next(c for c in self.trainer.callbacks if isinstance(c, Timer))
-
-            def factor(step: int) -> float:
-                done = min(1.0, timer.time_elapsed("train") / budget)  # resumed time included
-                return warmup_cosine(
-                    int(done * TIME_STEPS),
-                    int(TIME_WARMUP * TIME_STEPS),
-                    TIME_STEPS,
-                    opt.min_lr_ratio,
-                )
+            factor = clock_warmup_cosine(
+                lambda: timer.time_elapsed("train"),  # resumed time included
+                budget,
+                TIME_WARMUP,
+                opt.min_lr_ratio,
+            )
 
         else:
             factor = epoch_warmup_cosine(

@@ -7,6 +7,7 @@ import pytest
 from heatssl.model.backbone import Backbone
 from heatssl.model.heads import LinearHead, Tran1Head
 from heatssl.model.optim import (
+    clock_warmup_cosine,
     epoch_warmup_cosine,
     scaled_lr,
     warmup_cosine,
@@ -33,6 +34,23 @@ def test_epoch_schedule_warms_up_over_its_epochs_and_ends_at_the_floor():
     assert factor(100) == pytest.approx(0.1)
     assert all(factor(s) >= factor(s + 1) for s in range(20, 100))
     assert epoch_warmup_cosine(total_steps=7, epochs=10, warmup_epochs=0)(0) == pytest.approx(1.0)
+
+
+def test_clock_schedule_follows_the_elapsed_time_not_the_steps():
+    """trainer.max_time: warm-up over the first 10% of the budget, cosine to the floor at its end,
+    whatever step the optimiser is at (a slow step cannot leave the lr high at the end)."""
+    now = [0.0]
+    factor = clock_warmup_cosine(lambda: now[0], budget_s=100.0, warmup=0.1, min_ratio=0.05)
+    seen = []
+    for t in (0.0, 5.0, 10.0, 55.0, 100.0, 250.0):
+        now[0] = t
+        seen.append(factor(3))  # the same step each time: only the clock moves
+    assert seen[0] < 0.01 and seen[1] == pytest.approx(0.5, abs=0.01)
+    assert seen[2] == pytest.approx(1.0)
+    assert seen[3] == pytest.approx(0.05 + 0.95 * 0.5, abs=0.01)
+    assert seen[4] == pytest.approx(0.05) and seen[5] == pytest.approx(0.05)  # past the budget
+    with pytest.raises(ValueError, match="budget_s=0"):
+        clock_warmup_cosine(lambda: 0.0, budget_s=0)
 
 
 def test_lr_scales_with_batch():
