@@ -268,7 +268,6 @@ class HeatPretrainModule(L.LightningModule):
                 TIME_WARMUP,
                 opt.min_lr_ratio,
             )
-
         else:
             factor = epoch_warmup_cosine(
                 int(self.trainer.estimated_stepping_batches),
