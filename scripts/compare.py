@@ -42,7 +42,7 @@ from torchvision.datasets import ImageFolder
 
 from heatssl.config import Config, load_config
 from heatssl.model.export import export_backbone
-from heatssl.model.optim import warmup_cosine
+from heatssl.model.optim import clock_warmup_cosine
 from heatssl.probing import run as probing
 from heatssl.probing.report import markdown_table
 from heatssl.train.pictures import new_figure, save_figure
@@ -153,12 +153,15 @@ def train_child(args: argparse.Namespace, name: str) -> dict[str, Any]:
     exports, seen, steps, losses = [], 0, 0, []
     paused = 0.0  # seconds spent exporting: not training time
     begin = time.perf_counter()
+    schedule = clock_warmup_cosine(
+        lambda: time.perf_counter() - begin - paused, budget, WARMUP_FRACTION
+    )
     method.train()
     while points:
         for views, _ in loader:
             trained = time.perf_counter() - begin - paused  # data loading included
             progress = min(1.0, trained / budget)
-            scale = warmup_cosine(int(progress * 10_000), int(WARMUP_FRACTION * 10_000), 10_000)
+            scale = schedule(steps)  # the clock decides, as trainer.max_time's schedule
             for group, peak in zip(optimizer.param_groups, peaks, strict=True):
                 group["lr"] = peak * scale
             loss = method.loss(views, progress)
