@@ -10,7 +10,7 @@ It also times every method (seconds per image on this CPU).
 
 Usage::
 
-    python scripts/bench_cam.py --num 200 --out bench_results/cam.json
+    python scripts/bench_cam.py --num 200 --out results/cam.json
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-images", type=int, default=16, help="images timed per method")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_results/cam.json")
+    p.add_argument("--out", default="results/cam.json")
     return p.parse_args(argv)
 
 

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=8, help="epochs over all labels (the budget)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up epochs over all labels")
     p.add_argument("--runs", default="bench_results/runs_finetune")
-    p.add_argument("--out", default="bench_results/finetune.json")
+    p.add_argument("--out", default="results/finetune.json")
     p.add_argument("--skip-done", action="store_true", help="keep the runs already in --out")
     p.add_argument("--seed", type=int, default=0, help="training seed (folders get _sN if not 0)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")

@@ -20,7 +20,7 @@ Usage::
 
     python scripts/bench_flops.py                      # every shipped recipe
     python scripts/bench_flops.py --recipes imagenet_resnet50 --override heat.dim=256
-    python scripts/bench_flops.py --out bench_results/flops.json
+    python scripts/bench_flops.py --out results/flops.json
 
 Writes the JSON (``--out``) and prints a markdown table (``--md`` also writes it to a file).
 """
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--override", action="append", default=[], help="key=value for every recipe (repeatable)"
     )
-    p.add_argument("--out", default="bench_results/flops.json")
+    p.add_argument("--out", default="results/flops.json")
     p.add_argument("--md", default=None, help="also write the markdown table here")
     return p.parse_args(argv)
 

@@ -17,7 +17,7 @@ decoder on the same files. Run it alone on the machine: two benchmarks on two co
 
 Usage::
 
-    python scripts/bench_loader.py                    # writes bench_results/loader.json
+    python scripts/bench_loader.py                    # writes results/loader.json
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-files", type=int, default=300, help="files for the decode cost")
     p.add_argument("--skip-dali", action="store_true", help="without the DALI variant")
-    p.add_argument("--out", default="bench_results/loader.json")
+    p.add_argument("--out", default="results/loader.json")
     return p.parse_args(argv)
 
 

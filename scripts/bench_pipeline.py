@@ -20,7 +20,7 @@ the bottleneck when ``loader`` is well above ``train_step``, and ``pretrain_1pro
 
 Usage::
 
-    python scripts/bench_pipeline.py                      # writes bench_results/pipeline.json
+    python scripts/bench_pipeline.py                      # writes results/pipeline.json
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed in-memory training steps")
     p.add_argument("--short", type=int, default=10, help="batches of the short pretraining run")
     p.add_argument("--long", type=int, default=40, help="batches of the long pretraining run")
-    p.add_argument("--out", default="bench_results/pipeline.json")
+    p.add_argument("--out", default="results/pipeline.json")
     return p.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ Usage::
 
     python scripts/bench_probe.py --epochs 10 --variants default            # quality vs random init
     python scripts/bench_probe.py --epochs 6 --variants default no_heat normalized fixed_quadrant \\
-        mask_token copy --kinds linear knn --out bench_results/ablations.json     # the ablation table
+        mask_token copy --kinds linear knn --out results/ablations.json     # the ablation table
 
 The JSON is rewritten after every variant, so a crash loses at most the variant in progress.
 """
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="applies to probing only, e.g. data.image_size=64 to probe at 64 px a backbone "
         "pretrained at 128 px (repeatable)",
     )
-    p.add_argument("--out", default="bench_results/probe_quality.json")
+    p.add_argument("--out", default="results/probe_quality.json")
     p.add_argument("--runs", default="bench_results/runs", help="run folders of the variants")
     p.add_argument(
         "--reuse",

@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout", type=float, default=7200.0, help="seconds before the probe is killed"
     )
     p.add_argument("--label", default="run", help="the entry of this run in --out")
-    p.add_argument("--out", default="bench_results/probe_memory.json")
+    p.add_argument("--out", default="results/probe_memory.json")
     p.add_argument("overrides", nargs="*", help="more key=value overrides for the probe")
     args = p.parse_args(argv)
     if args.grid_gib <= 0 or args.as_limit_gib <= 0:

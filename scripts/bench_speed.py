@@ -29,7 +29,7 @@ time (target: under 3 minutes) and its peak resident memory (``ru_maxrss`` of th
 Usage::
 
     python scripts/bench_speed.py            # defaults: batch 32, 60 timed steps, 2 threads
-    python scripts/bench_speed.py --out bench_results/speed.json --batch 32 --steps 60 \\
+    python scripts/bench_speed.py --out results/speed.json --batch 32 --steps 60 \\
         --warmup 3 --threads 2 [--round 3] [--step euler] [--skip-demo] [--unfused-adamw]
 
 It prints a table and writes the JSON (machine info, settings, per-step times, img/s, ratios,
@@ -332,7 +332,7 @@ def print_table(models: list[dict[str, Any]]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="bench_results/speed.json", help="JSON output path")
+    p.add_argument("--out", default="results/speed.json", help="JSON output path")
     p.add_argument("--batch", type=int, default=32, help="images per step")
     p.add_argument("--steps", type=int, default=60, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per variant")

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per method")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench_results/compare.json")
+    p.add_argument("--out", default="results/compare.json")
     p.add_argument("--runs", default="bench_results/runs_compare")
     p.add_argument(
         "--merge",

@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     p.add_argument("--runs", default="bench_results/runs_gpu_smoke")
-    p.add_argument("--out", default="bench_results/gpu_smoke.json")
+    p.add_argument("--out", default="results/gpu_smoke.json")
     args = p.parse_args(argv)
     if args.steps <= args.warmup or args.warmup < 0:
         p.error("--steps must be larger than --warmup (>= 0)")
