@@ -302,6 +302,9 @@ class ProbeConfig:
     tran1_base_lr: float = 5e-4  # AdamW
     tran1_heads: int = 0  # 0: d / 64 (at least 1)
     tran1_max_images: int | None = None  # train tran-1 on a seeded subset of this size (null: all)
+    # where tran-1's grids are written during the run: null = the probe folder, tmp = the system's
+    # temporary folder ($TMPDIR: node-local scratch on clusters), or a folder
+    grid_dir: str | None = None
     output_stride: int | None = None  # re-dilate the frozen CNN for evaluation (null: its own)
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -334,46 +337,12 @@ class ProbeConfig:
         _check_stride("probe.output_stride", self.output_stride)
 
 
-#: Fine-tuning defaults per backbone family (``finetune.recipe``); a key set to a value overrides.
-#: ViT: MAE's fine-tuning recipe (ViT-B's layer decay 0.65 raised to 0.75 for the shallower
-#: ViT-S / ViT-T, as DeiT-style small-model recipes do). CNN: a ResNet-strikes-back A3-like recipe
-#: with AdamW and a gentle layer decay over the stages.
-FINETUNE_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "vit": {
-        "epochs": 100,
-        "base_lr": 5e-4,
-        "weight_decay": 0.05,
-        "layer_decay": 0.75,
-        "drop_path": 0.1,
-        "warmup_epochs": 5.0,
-        "smoothing": 0.1,
-        "mixup": 0.8,
-        "cutmix": 1.0,
-        "auto_augment": "rand-m9-mstd0.5-inc1",
-        "re_prob": 0.25,
-    },
-    "cnn": {
-        "epochs": 100,
-        "base_lr": 1e-3,
-        "weight_decay": 0.05,
-        "layer_decay": 0.8,
-        "drop_path": 0.05,
-        "warmup_epochs": 5.0,
-        "smoothing": 0.1,
-        "mixup": 0.1,
-        "cutmix": 1.0,
-        "auto_augment": "rand-m6-mstd0.5-inc1",
-        "re_prob": 0.0,
-    },
-}
-
-
 @dataclass
 class FinetuneConfig:
     """Full fine-tuning (``heatssl finetune``): every ``null`` takes its family's default.
 
     The family (``recipe: auto``) is ``vit`` for transformers (a timm model with ``blocks``), else
-    ``cnn``; :data:`FINETUNE_FAMILY_DEFAULTS` holds both recipes. The resolved values are written
+    ``cnn``; :mod:`heatssl.finetune.recipe` holds both recipes. The resolved values are written
     into the fine-tuning folder's ``config.yaml``.
     """
 
@@ -393,12 +362,6 @@ class FinetuneConfig:
     val_every_n_epochs: int = 1  # validate (top-1 / top-5) every N epochs; the last one always
     min_lr_ratio: float = 0.0
     out_dir: str | None = None  # default: <run folder>/finetune, or runs/finetune_<model>
-
-    def resolved(self, family: str) -> FinetuneConfig:
-        """A copy with every ``null`` replaced by the default of ``family`` ("cnn" or "vit")."""
-        defaults = FINETUNE_FAMILY_DEFAULTS[family]
-        values = {k: v if (v := getattr(self, k)) is not None else defaults[k] for k in defaults}
-        return dataclasses.replace(self, recipe=family, **values)
 
     def validate(self) -> None:
         """Counts and rates in their ranges (values left null are the family's, already valid)."""

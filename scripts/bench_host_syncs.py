@@ -12,7 +12,7 @@ copies that cannot be counted from Python.
 
 Usage::
 
-    python scripts/bench_host_syncs.py --label after --out bench_results/host_syncs.json
+    python scripts/bench_host_syncs.py --label after --out results/host_syncs.json
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from benchlib import machine
 
 from heatssl.config import load_config
+from heatssl.finetune import run as finetuning
 from heatssl.train import run
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
@@ -73,10 +74,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("-c", "--config", default="demo")
+    p.add_argument(
+        "--task",
+        choices=["pretrain", "finetune"],
+        default="pretrain",
+        help="count heatssl pretrain's steps or heatssl finetune's (from random init)",
+    )
     p.add_argument("--steps", type=int, default=24, help="training batches (after one warm-up)")
     p.add_argument("--log-every", type=int, default=8, help="trainer.log_every_n_steps")
     p.add_argument("--label", default="run")
-    p.add_argument("--out", default="bench_results/host_syncs.json")
+    p.add_argument("--out", default="results/host_syncs.json")
     p.add_argument("overrides", nargs="*", help="more key=value overrides")
     args = p.parse_args(argv)
     if args.steps < 2 or args.log_every < 1:
@@ -101,13 +108,18 @@ def count(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         f"trainer.log_every_n_steps={args.log_every}",
         "trainer.checkpoint_every_n_minutes=30",
         "trainer.picture_every_n_epochs=0",
+        "finetune.epochs=1",
+        f"finetune.out_dir={run_dir / 'finetune'}",
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
     counter = HostReads()
     counter.install()
     try:
-        run.pretrain(cfg, callbacks=[counter])
+        if args.task == "pretrain":
+            run.pretrain(cfg, callbacks=[counter])
+        else:
+            finetuning.finetune(cfg.model.backbone, cfg, callbacks=[counter])
     finally:
         counter.remove()
     batches = counter.per_batch[1:]  # the first batch builds and warms up
@@ -132,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
-    report["runs"][args.label] = {**result, "machine": machine(), "args": vars(args)}
+    report["runs"][args.label if args.task == "pretrain" else f"{args.label} ({args.task})"] = {
+        **result,
+        "machine": machine(),
+        "args": vars(args),
+    }
     out.write_text(json.dumps(report, indent=2))
     print(
         f"[{args.label}] host reads per training step: median {result['reads_per_step_median']}, "

@@ -127,3 +127,14 @@ def test_config_keys_rewords_library_arguments():
         == "data.image_size=50 is too small. Fix: data.image_size=64; or model.stage=-2."
     )
     assert isinstance(err.value.__cause__, ArgumentError)
+
+
+@pytest.mark.parametrize(
+    "recipe", ["imagenet_resnet50", "imagenet_vit_small", "imagenet_mobilenetv3"]
+)
+def test_imagenet_recipes_probe_linear_and_knn_and_size_tran1(recipe):
+    """Probing ImageNet with tran-1 on every image wrote about 350 GB of grids to the run folder:
+    the ImageNet recipes probe linear + kNN, and tran-1 (when asked for) a subset on scratch."""
+    cfg = load_config(recipe)
+    assert cfg.probe.kinds == ["linear", "knn"]
+    assert cfg.probe.tran1_max_images == 100_000 and cfg.probe.grid_dir == "tmp"

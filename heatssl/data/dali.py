@@ -9,32 +9,29 @@ labels and the unreadable files met (``path: reason``).
 
 What stays in Python, so that it behaves exactly like the PIL path: the order (the
 :class:`~heatssl.data.sampler.EpochSampler`'s, so epochs, DDP shards and mid-epoch resume match),
-reading the files, and the bad-image policy of :class:`~heatssl.data.datasets.ImageFiles`. Each file
-is checked before DALI sees it (:func:`encoded_image`), because DALI fails a whole batch at a file it
-cannot decode, so it could neither skip the file nor fill its slot. Files DALI might decode
-differently from :func:`~heatssl.data.images.read_image` (transparency, which PIL composites on
-white; 16-bit or odd modes; formats other than JPEG, PNG and WebP, such as GIF, TIFF or BMP) are
-decoded by PIL in the feeding step and handed to DALI as uncompressed PPM: rare, and slower.
+reading the files, and the bad-image policy of :class:`~heatssl.data.datasets.ImageFiles`, all in
+:class:`~heatssl.data.encoded.BatchReader`: a background thread reads the batches ahead, each
+batch's files in parallel, and checks every file before DALI sees it (DALI fails a whole batch at a
+file it cannot decode). Nothing waits on the host in the training thread: DALI's outputs are bound
+to the current CUDA stream and copied into torch on it, and labels are handed over on the CPU
+(pinned), for Lightning to move without a sync.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import re
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from heatssl.data.datasets import MAX_CONSECUTIVE_BAD, Batch, _bad_image_fix
-from heatssl.data.images import DECODE_ERRORS, read_image
+from heatssl.data.datasets import Batch
+from heatssl.data.encoded import BatchReader, Slot
+from heatssl.data.images import read_image
 from heatssl.data.sampler import EpochSampler
 from heatssl.data.transforms import CROP_RATIO
 from heatssl.errors import ArgumentError, BadImageError, ConfigError, UnreadableImageError
@@ -43,9 +40,6 @@ DALI_INSTALL_HINT = (
     "data.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda120 from "
     "PyPI; it decodes on the GPU and runs CPU-only without one); or set data.backend=pil"
 )
-JPEG_SOF_DALI = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman JPEGs
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-DALI_MODES = ("RGB", "L", "1", "P")  # PIL modes DALI turns into the same RGB as read_image
 NAMED_FILES = 8  # files named in a message about a whole batch
 
 _LIVE_PIPELINES: weakref.WeakSet[Any] = weakref.WeakSet()  # every pipeline this process built
@@ -79,98 +73,7 @@ def require_dali() -> None:
         raise ConfigError(DALI_INSTALL_HINT + ".")
 
 
-# ----- checking files before DALI sees them ---------------------------------------------------
-def _jpeg_verdict(data: bytes) -> str:
-    """``"dali"`` for a JPEG DALI decodes like PIL, ``"truncated"``, or ``"pil"`` (let PIL decide).
-
-    Walks the marker segments up to the first scan (so an EXIF thumbnail's end marker is not taken
-    for the image's), checks the frame type and precision, then looks for the end-of-image marker
-    after the scan: a truncated file lacks it.
-    """
-    pos, size, dali_frame = 2, len(data), False
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            return "pil"  # not a marker where one belongs: a corrupt header
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        if marker == 0xDA:  # start of scan: the compressed image follows
-            if not dali_frame:
-                return "pil"
-            return "dali" if data.rfind(b"\xff\xd9") > pos else "truncated"
-        if marker == 0xD9:
-            return "pil"  # image ends before any scan
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header
-            if marker not in JPEG_SOF_DALI or pos + 4 >= size or data[pos + 4] != 8:
-                return "pil"  # lossless, arithmetic-coded or 12-bit: whatever PIL makes of it
-            dali_frame = True
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return "truncated"
-
-
-def _header_verdict(data: bytes) -> bool:
-    """Whether DALI decodes this PNG or WebP as :func:`read_image` would (opaque, complete)."""
-    if data.startswith(PNG_MAGIC):
-        if data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-            return False  # truncated: PIL names the problem
-    elif int.from_bytes(data[4:8], "little") + 8 > len(data):
-        return False  # truncated WebP
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.mode in DALI_MODES and "transparency" not in image.info
-    except DECODE_ERRORS:
-        return False
-
-
-def _ppm(image: Image.Image) -> bytes:
-    """An RGB PIL image as PPM bytes: a format DALI decodes exactly and at no cost."""
-    width, height = image.size
-    return f"P6\n{width} {height}\n255\n".encode() + image.tobytes()
-
-
-def encoded_image(path: str) -> np.ndarray:
-    """The bytes to hand DALI for the file at ``path``, or :class:`UnreadableImageError` with why.
-
-    JPEGs, and opaque PNGs and WebPs, go to DALI as they are once they look complete; anything else
-    is decoded by :func:`~heatssl.data.images.read_image` (PIL: its modes, transparency on white,
-    its errors) and handed over as PPM, so every file means what it means on the PIL path.
-    """
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as err:
-        raise UnreadableImageError(f"{path}: {type(err).__name__}: {err.strerror or err}") from err
-    if not data:
-        raise UnreadableImageError(f"{path}: empty file")
-    if data.startswith(b"\xff\xd8"):
-        verdict = _jpeg_verdict(data)
-        if verdict == "truncated":
-            raise UnreadableImageError(f"{path}: truncated JPEG (no end marker)")
-        if verdict == "dali":
-            return np.frombuffer(data, dtype=np.uint8)
-    elif (data.startswith(PNG_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")) and (
-        _header_verdict(data)
-    ):
-        return np.frombuffer(data, dtype=np.uint8)
-    return np.frombuffer(_ppm(read_image(path)), dtype=np.uint8)
-
-
 # ----- the loader -----------------------------------------------------------------------------
-@dataclass
-class _Slot:
-    """One batch as handed to DALI: what DALI decodes and what stays in Python beside it."""
-
-    files: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    data: list[np.ndarray] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    error: BaseException | None = None  # raised when the consumer reaches this batch
-
-
 class _Feed:
     """DALI's ``external_source``: the next non-empty batch of the epoch, ``StopIteration`` at its end.
 
@@ -180,10 +83,17 @@ class _Feed:
     """
 
     def __init__(self) -> None:
-        self.slots: Iterator[_Slot] = iter(())
-        self.fifo: deque[_Slot] = deque()
+        self.slots: Iterator[Slot] = iter(())
+        self.fifo: deque[Slot] = deque()
 
-    def __call__(self) -> list[np.ndarray]:
+    def start(self, slots: Iterator[Slot]) -> None:
+        """Feed ``slots`` from now on; a reader still reading ahead for an earlier pass stops."""
+        close = getattr(self.slots, "close", None)
+        if close is not None:
+            close()
+        self.slots = slots
+
+    def __call__(self) -> list[Any]:
         for slot in self.slots:
             self.fifo.append(slot)
             if slot.error is not None:
@@ -253,49 +163,6 @@ class DaliLoader:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    # ----- Python side: order, reading, bad files -----------------------------------------------
-    def _read_slot(self, indices: list[int]) -> _Slot:
-        """Read and check the files of one batch, applying the bad-image policy."""
-        slot, count = _Slot(), len(self.samples)
-        for index in indices:
-            met: list[str] = []
-            for step in range(min(MAX_CONSECUTIVE_BAD, count)):
-                path, label = self.samples[(index + step) % count]
-                try:
-                    data = encoded_image(path)
-                except UnreadableImageError as err:
-                    if self.on_bad == "error":
-                        raise BadImageError(_bad_image_fix(str(err))) from err
-                    met.append(str(err))
-                    if not self.fill:
-                        break  # left out: no image is counted twice in evaluation
-                    continue
-                slot.files.append(path)
-                slot.labels.append(int(label))
-                slot.data.append(data)
-                break
-            else:
-                raise BadImageError(
-                    f"{len(met)} unreadable image files in a row from {self.samples[index][0]} "
-                    f"(last: {met[-1]}): the dataset looks broken. Check the files under that folder."
-                )
-            slot.skipped.extend(met)
-        return slot
-
-    def _slots(self, indices: Iterator[int]) -> Iterator[_Slot]:
-        """The pass's batches; an error becomes a slot, raised when the consumer reaches it."""
-        batch: list[int] = []
-        try:
-            for index in indices:
-                batch.append(index)
-                if len(batch) == self.batch_size:
-                    yield self._read_slot(batch)
-                    batch = []
-            if batch and not self.drop_last:
-                yield self._read_slot(batch)
-        except Exception as err:
-            yield _Slot(error=err)
-
     # ----- DALI side ------------------------------------------------------------------------------
     def _build(self) -> Any:
         """The DALI pipeline: decode, crop, resize, flip; CPU ops or nvJPEG plus GPU ops."""
@@ -359,7 +226,7 @@ class DaliLoader:
             self._pipe = self._build()
             self._unfinished = False
         if self._unfinished:
-            self._feed.slots = iter(())
+            self._feed.start(iter(()))
             try:
                 while True:
                     self._pipe.run()
@@ -380,7 +247,13 @@ class DaliLoader:
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         return feed_ndarray(output.as_tensor(), images, cuda_stream=stream)
 
-    def _decode_error(self, err: RuntimeError, slot: _Slot) -> BadImageError:
+    def _labels(self, labels: list[int]) -> torch.Tensor:
+        """Labels on the CPU, pinned when the images are on a GPU: Lightning then moves them
+        without a sync (a copy from pageable memory would wait for the stream)."""
+        out = torch.tensor(labels, dtype=torch.int64)
+        return out.pin_memory() if self.device.type == "cuda" else out
+
+    def _decode_error(self, err: RuntimeError, slot: Slot) -> BadImageError:
         """The error for a batch DALI failed on: the file if DALI says which, PIL's verdict, the fix.
 
         DALI stops the whole batch at a file it cannot decode; its message may give the file's place
@@ -425,33 +298,45 @@ class DaliLoader:
         """One pass: ``iter(self.sampler)``'s indices in batches, decoded by DALI as they are fed."""
         pipe = self._pipeline()
         feed = self._feed
-        feed.slots = self._slots(iter(self.sampler))
+        reader = BatchReader(
+            self.samples,
+            iter(self.sampler),
+            self.batch_size,
+            self.drop_last,
+            self.on_bad,
+            self.fill,
+            threads=self.num_workers,
+            depth=self.prefetch + 1,
+        )
+        feed.start(reader)
         self._unfinished = True
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         while True:
             try:
-                outputs = pipe.run()
+                # bound to the training stream: DALI does not make the host wait for the batch
+                outputs = pipe.run(stream) if stream is not None else pipe.run()
             except StopIteration:
                 outputs = None
             except RuntimeError as err:
                 self._pipe = None  # DALI's state after a failed run is unknown: rebuild next time
                 if not re.search(r"decode|peek_image_shape", str(err), re.IGNORECASE):
                     raise
-                slot = next((s for s in feed.fifo if s.data), _Slot())  # the batch DALI was on
+                slot = next((s for s in feed.fifo if s.data), Slot())  # the batch DALI was on
                 raise self._decode_error(err, slot) from err
             while feed.fifo:
                 slot = feed.fifo.popleft()
                 if slot.error is not None:
                     self._unfinished = False  # DALI has reached the end of the pass already
                     raise slot.error
-                labels = torch.tensor(slot.labels, dtype=torch.int64)
+                labels = self._labels(slot.labels)
                 if not slot.data:
                     empty = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-                    yield empty.to(self.device), labels.to(self.device), slot.skipped
+                    yield empty.to(self.device), labels, slot.skipped
                     continue
                 if outputs is None:
                     raise RuntimeError("DALI ended the pass before a batch it was fed")
                 images = self._images(outputs[0])
-                yield images, labels.to(self.device), slot.skipped
+                yield images, labels, slot.skipped
                 break
             if outputs is None:
                 break

@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
-from torchvision.datasets import CIFAR10, STL10, ImageFolder
+from torchvision.datasets import CIFAR10, STL10
 
 from heatssl.config import DataConfig
+from heatssl.data.file_index import class_folder_index
 from heatssl.data.images import read_image, to_rgb
 from heatssl.errors import BadImageError, ConfigError, UnreadableImageError
 
@@ -28,6 +29,7 @@ SYNTHETIC_DATA_SEED = 1234  # fixed: the synthetic images never change (the spli
 MAX_CONSECUTIVE_BAD = 64  # a training sample walks this far for a readable file, then gives up
 PRECHECK_IMAGES = 32  # files read at setup: none readable -> stop before any training
 IMAGEFOLDER_LAYOUT = "<root>/train/<class>/*.jpg and optionally <root>/val/<class>/*.jpg"
+FILE_INDEX_DIR = "file_index"  # in a run folder: the image folders' file lists, scanned once
 
 Batch = tuple[Tensor, Tensor, list[str]]  # images, labels, unreadable files met (``path: reason``)
 
@@ -180,17 +182,6 @@ def check_readable(dataset: ImageFiles, split: str) -> None:
     )
 
 
-class _FixedClassFolder(ImageFolder):
-    """ImageFolder whose class list is given (the training classes), so label ids match train."""
-
-    def __init__(self, root: Path, classes: list[str], transform: Any) -> None:
-        self._fixed_classes = list(classes)
-        super().__init__(str(root), transform=transform, allow_empty=True)
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return self._fixed_classes, {c: i for i, c in enumerate(self._fixed_classes)}
-
-
 def stratified_split(
     labels: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +231,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 Splits = tuple[Dataset, Dataset, list[str]]  # train, val, class names
 
 
-def array_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any) -> Splits:
+def array_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any, **_: Any) -> Splits:
     """``digits`` or ``synthetic``: in-memory images, a stratified ``val_fraction`` held out."""
     if cfg.name == "digits":
         images, labels = load_digits()
@@ -253,8 +244,19 @@ def array_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any) -> Spli
     return train, val, [str(k) for k in range(10)]
 
 
-def imagefolder_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any) -> Splits:
-    """``root/train/<class>/*`` plus optional ``root/val/<class>/*`` via ImageFolder."""
+def imagefolder_splits(
+    cfg: DataConfig,
+    seed: int,
+    train_tf: Any,
+    val_tf: Any,
+    index_dir: str | Path | None = None,
+    rank: int = 0,
+) -> Splits:
+    """``root/train/<class>/*`` plus optional ``root/val/<class>/*``, in ImageFolder's order.
+
+    With ``index_dir`` the file lists are scanned once and shared by every process and later start
+    through ``<index_dir>/file_index/`` (:func:`~heatssl.data.file_index.class_folder_index`).
+    """
     root = Path(cfg.root or "")
     if not root.is_dir():
         raise ConfigError(
@@ -266,27 +268,28 @@ def imagefolder_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any) -
             f"No 'train' folder in data.root='{root}'. Expected {IMAGEFOLDER_LAYOUT}; move your "
             f"class folders into {root / 'train'} or point data.root at the folder that holds train/."
         )
-    try:
-        full = ImageFolder(str(root / "train"))
-    except FileNotFoundError as err:
-        raise ConfigError(
-            f"Cannot read {root / 'train'}: {err}. Expected {IMAGEFOLDER_LAYOUT}."
-        ) from err
+
+    def index_file(split: str) -> Path | None:
+        return Path(index_dir) / FILE_INDEX_DIR / f"{split}.json.gz" if index_dir else None
+
+    full = class_folder_index(root / "train", index_file("train"), rank)
     val_root = root / "val"
     if not val_root.is_dir():
-        tr, va = stratified_split(np.array(full.targets), cfg.val_fraction, cfg.split_seed)
+        labels = np.array([label for _, label in full.samples])
+        tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
         train_samples = [full.samples[i] for i in tr]
         val_samples = [full.samples[i] for i in va]
     else:
         val_classes = sorted(p.name for p in val_root.iterdir() if p.is_dir())
-        extra = [c for c in val_classes if c not in full.class_to_idx]
+        extra = [c for c in val_classes if c not in full.classes]
         if extra:
             raise ConfigError(
                 f"{val_root} has class folder(s) {extra} that {root / 'train'} lacks; labels "
                 f"would not match. Add them to train/ or remove them from val/."
             )
         train_samples = full.samples
-        val_samples = _FixedClassFolder(val_root, full.classes, None).samples
+        val = class_folder_index(val_root, index_file("val"), rank, full.classes, allow_empty=True)
+        val_samples = val.samples
     train = ImageFiles(train_samples, train_tf, cfg.on_bad_image, fill=True)
     val = ImageFiles(val_samples, val_tf, cfg.on_bad_image, fill=False)
     check_readable(train, "train")
@@ -315,7 +318,7 @@ def torchvision_split(cfg: DataConfig, train: bool, transform: Any) -> Dataset:
         ) from err
 
 
-def torchvision_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any) -> Splits:
+def torchvision_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any, **_: Any) -> Splits:
     """``cifar10`` or ``stl10``: torchvision's own train and test splits."""
     train = torchvision_split(cfg, True, train_tf)
     return train, torchvision_split(cfg, False, val_tf), list(train.classes)

@@ -31,6 +31,8 @@ class HeatDataModule(L.LightningDataModule):
     ``labelled=True`` (probes, fine-tuning) cuts the train split to ``data.label_fraction`` of its
     labels (:func:`~heatssl.data.labels.apply_label_fraction`), saved as ``label_subset.json`` in
     ``label_dir`` when given; pretraining leaves it False and uses every image. Val stays whole.
+    ``index_dir`` (the run folder) keeps an image folder's file lists, scanned once by process
+    ``rank`` 0 and read by the others (:mod:`heatssl.data.file_index`).
     """
 
     def __init__(
@@ -39,6 +41,8 @@ class HeatDataModule(L.LightningDataModule):
         seed: int = 0,
         labelled: bool = False,
         label_dir: str | Path | None = None,
+        index_dir: str | Path | None = None,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         cfg.validate()  # the section's own check: a DataConfig built in Python skips load_config
@@ -46,6 +50,10 @@ class HeatDataModule(L.LightningDataModule):
         self.seed = seed
         self.labelled = labelled
         self.label_dir = label_dir
+        self.index_dir, self.rank = index_dir, rank
+        # processes sharing this node's cores when no Trainer says (heatssl pretrain
+        # --benchmark-loader sets it from the config)
+        self.local_processes = 1
         self._train: Dataset | None = None
         self._val: Dataset | None = None
         self._class_names: list[str] = []
@@ -69,7 +77,7 @@ class HeatDataModule(L.LightningDataModule):
             require_dali()
         train_tf, val_tf = self.transforms()
         self._train, self._val, self._class_names = SPLITS[cfg.name](
-            cfg, self.seed, train_tf, val_tf
+            cfg, self.seed, train_tf, val_tf, index_dir=self.index_dir, rank=self.rank
         )
         if self.labelled:
             self._train = apply_label_fraction(self._train, cfg, self.label_dir)
@@ -168,12 +176,12 @@ class HeatDataModule(L.LightningDataModule):
     @property
     def num_workers(self) -> int:
         """Loader processes (pil) or decoding threads (dali): ``data.num_workers`` or, with
-        ``auto``, the CPU cores of this process (see :func:`cores_per_process`)."""
+        ``auto``, this process's CPU cores less two (see :func:`auto_workers`)."""
         if self.cfg.num_workers != "auto":
             return int(self.cfg.num_workers)
         trainer = self.trainer
-        local = trainer.world_size // max(1, trainer.num_nodes) if trainer else 1
-        return cores_per_process(local)
+        local = trainer.world_size // max(1, trainer.num_nodes) if trainer else self.local_processes
+        return auto_workers(local)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
@@ -303,12 +311,28 @@ def cores_per_process(local_processes: int = 1) -> int:
     return max(1, cores // max(1, local_processes))
 
 
+KEPT_CORES = 2
+"""Cores ``data.num_workers=auto`` leaves to the process itself: its training (or feeding) thread
+and the thread that pins batches for the GPU."""
+
+
+def auto_workers(local_processes: int = 1) -> int:
+    """``data.num_workers=auto``: the process's cores (:func:`cores_per_process`) less
+    :data:`KEPT_CORES`, at least one."""
+    return max(1, cores_per_process(local_processes) - KEPT_CORES)
+
+
 def build_datamodule(
     cfg: DataConfig,
     seed: int = 0,
     labelled: bool = False,
     label_dir: str | Path | None = None,
+    index_dir: str | Path | None = None,
+    rank: int = 0,
 ) -> HeatDataModule:
     """The data module for ``cfg`` (datasets are built lazily by ``setup``); ``labelled=True``
-    trains on ``data.label_fraction`` of the labels (see :class:`HeatDataModule`)."""
-    return HeatDataModule(cfg, seed=seed, labelled=labelled, label_dir=label_dir)
+    trains on ``data.label_fraction`` of the labels, ``index_dir`` shares image-folder file lists
+    between processes and starts (see :class:`HeatDataModule`)."""
+    return HeatDataModule(
+        cfg, seed=seed, labelled=labelled, label_dir=label_dir, index_dir=index_dir, rank=rank
+    )

@@ -46,9 +46,14 @@ class FinetuneDataModule(HeatDataModule):
     transform (evaluation unchanged); the subset is saved as ``label_subset.json`` in ``out_dir``."""
 
     def __init__(
-        self, cfg: DataConfig, seed: int, auto_augment: str | None, out_dir: str | Path
+        self,
+        cfg: DataConfig,
+        seed: int,
+        auto_augment: str | None,
+        out_dir: str | Path,
+        rank: int = 0,
     ) -> None:
-        super().__init__(cfg, seed, labelled=True, label_dir=out_dir)
+        super().__init__(cfg, seed, labelled=True, label_dir=out_dir, index_dir=out_dir, rank=rank)
         self.auto_augment = auto_augment
 
     def transforms(self) -> tuple[Any, Any]:

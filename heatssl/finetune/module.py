@@ -26,7 +26,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from heatssl.config import Config, FinetuneConfig
 from heatssl.data.transforms import to_model_input
-from heatssl.model.optim import epoch_warmup_cosine, scaled_lr, step_schedule
+from heatssl.model.optim import can_fuse, epoch_warmup_cosine, scaled_lr, step_schedule
+from heatssl.train.build import effective_batch
+from heatssl.train.preemption import start_compile_workers
 
 
 class FinetuneModule(L.LightningModule):
@@ -48,6 +50,10 @@ class FinetuneModule(L.LightningModule):
         if cfg.trainer.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEmaV3(model, decay=recipe.ema_decay) if recipe.ema_decay > 0 else None
+        if self.ema is not None:
+            # timm's deep copy keeps requires_grad: DDP would wait for gradients the EMA never gets
+            # ("Expected to have finished reduction in the prior iteration") and stop at step 2
+            self.ema.requires_grad_(False)
         active = recipe.mixup > 0 or recipe.cutmix > 0
         self.mixup = (
             Mixup(
@@ -76,6 +82,7 @@ class FinetuneModule(L.LightningModule):
                     "confusion": MulticlassConfusionMatrix(num_classes),
                 }
             )
+        self.last_loss: Tensor | None = None  # read by the progress bar when it refreshes
         self.history: list[dict[str, float]] = []  # one row per validation epoch (process 0)
         self.confusion: Tensor | None = None  # of the last validation (the EMA's when on)
 
@@ -83,6 +90,7 @@ class FinetuneModule(L.LightningModule):
     def configure_model(self) -> None:
         """Compile the classifier in place with static shapes when ``trainer.compile`` is set."""
         if self.cfg.trainer.compile and not getattr(self, "_compiled", False):
+            start_compile_workers()  # before the preemption signal could reach them
             self.model.compile(mode=self.cfg.trainer.compile_mode, dynamic=False)
             self._compiled = True
 
@@ -101,7 +109,10 @@ class FinetuneModule(L.LightningModule):
         else:
             targets = mixup_target(labels, self.num_classes, smoothing=self.recipe.smoothing)
         loss = self.criterion(self.model(x), targets)
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        # not prog_bar: Lightning would read it on the host after every step; the bar reads
+        # last_loss when it refreshes (every trainer.log_every_n_steps), as in pretraining
+        self.log("train/loss", loss, batch_size=x.shape[0])
+        self.last_loss = loss.detach()
         head_lr = self.trainer.optimizers[0].param_groups[-1]["lr"] if self._trainer else 0.0
         self.log("train/lr", head_lr, batch_size=x.shape[0])
         return loss
@@ -154,9 +165,7 @@ class FinetuneModule(L.LightningModule):
     # ----- optimiser ---------------------------------------------------------------------------
     def learning_rate(self) -> float:
         """``base_lr x effective batch / 256`` (per-device batch x devices x nodes x accumulation)."""
-        t = self.trainer
-        batch = self.cfg.data.batch_size * t.world_size * t.accumulate_grad_batches
-        return scaled_lr(self.recipe.base_lr, batch)
+        return scaled_lr(self.recipe.base_lr, effective_batch(self.cfg, self.trainer.world_size))
 
     def configure_optimizers(self) -> dict[str, Any]:
         """timm's AdamW groups with layer decay; each group's lr scaled before the schedule."""
@@ -168,6 +177,9 @@ class FinetuneModule(L.LightningModule):
             weight_decay=r.weight_decay,
             layer_decay=r.layer_decay if r.layer_decay < 1 else None,
             betas=(0.9, 0.999),
+            # fused: one kernel, and no host read of each tensor's step count (torch's plain AdamW
+            # reads them with .item() every step)
+            fused=can_fuse(self.model.parameters(), self.cfg.trainer.precision),
         )
         for group in optimizer.param_groups:  # timm's own schedulers apply lr_scale; LambdaLR not
             group["lr"] = group["lr"] * group.get("lr_scale", 1.0)

@@ -25,6 +25,7 @@ import lightning as L
 from heatssl.config import Config, ConfigError, FinetuneConfig, save_config
 from heatssl.finetune.data import FinetuneDataModule
 from heatssl.finetune.module import FinetuneModule
+from heatssl.finetune.recipe import check_scale, resolve
 from heatssl.finetune.report import confusion_figure, finetune_markdown
 from heatssl.model.backbone import Backbone
 from heatssl.model.timm_folder import (
@@ -34,6 +35,7 @@ from heatssl.model.timm_folder import (
     timm_model_args,
 )
 from heatssl.probing.run import resolve_backbone, source_kind
+from heatssl.train.build import effective_batch
 from heatssl.train.checkpoint import pickle_trusted
 from heatssl.train.lock import holding_run_lock
 from heatssl.train.pictures import save_figure
@@ -49,15 +51,6 @@ class FinetuneResult:
     metrics: dict[str, Any]
     model_dir: Path | None
     seconds: float
-
-
-def family(backbone: Backbone) -> str:
-    """``vit`` for transformer backbones (timm models with ``blocks`` of attention), else ``cnn``."""
-    model = backbone.model
-    blocks = getattr(model, "blocks", None)
-    if blocks is not None and any(hasattr(b, "attn") for b in blocks):
-        return "vit"
-    return "cnn"
 
 
 def default_out_dir(source: str, cfg: Config) -> Path:
@@ -117,28 +110,34 @@ def finetune(
     _check(cfg)
     out = default_out_dir(source, cfg)
     backbone = resolve_backbone(source, cfg, named)
-    recipe = cfg.finetune.resolved(
-        family(backbone) if cfg.finetune.recipe == "auto" else cfg.finetune.recipe
-    )
+    recipe = resolve(cfg.finetune, backbone)
     run_cfg = finetune_config(cfg, recipe, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = FinetuneDataModule(run_cfg.data, cfg.seed, recipe.auto_augment, out)
+    config_file = shlex.quote(str(out / "config.yaml"))
+    again = f"heatssl finetune {shlex.quote(source)} -c {config_file} --resume"
+    trainer = build_trainer(run_cfg, out, callbacks, task="finetune", resume_command=again)
+    datamodule = FinetuneDataModule(
+        run_cfg.data, cfg.seed, recipe.auto_augment, out, rank=trainer.global_rank
+    )
     datamodule.setup("fit")  # a missing dataset stops here, before anything is built
     num_classes = datamodule.num_classes
     model = timm_classifier(backbone, num_classes, drop_path_rate=recipe.drop_path)
     module = FinetuneModule(model, run_cfg, recipe, num_classes)
-    config_file = shlex.quote(str(out / "config.yaml"))
-    again = f"heatssl finetune {shlex.quote(source)} -c {config_file} --resume"
-    trainer = build_trainer(run_cfg, out, callbacks, task="finetune", resume_command=again)
     # pretraining's rule (last / auto / a path), decided by process 0 for every process
     ckpt_path = agreed_resume(run_cfg, resume, trainer)
     with holding_run_lock(out, trainer.is_global_zero, force):
+        processes = trainer.num_devices * trainer.num_nodes
+        batch = effective_batch(run_cfg, processes)
+        lr = check_scale(recipe, batch) if trainer.is_global_zero else 0.0
         if trainer.is_global_zero:
             save_config(run_cfg, out / "config.yaml")
             print(
                 f"heatssl: fine-tuning {backbone.name} from {source} ({recipe.recipe} recipe, "
                 f"{recipe.epochs} epochs, {len(datamodule.train_dataset)} labelled images), "
-                f"folder {out}",
+                f"effective batch {batch} = {run_cfg.data.batch_size} per device x "
+                f"{trainer.num_devices} devices x {trainer.num_nodes} nodes x "
+                f"{run_cfg.trainer.accumulate_grad_batches} accumulation; lr {lr:.4g} = base_lr "
+                f"{recipe.base_lr:g} x {batch} / 256; folder {out}",
                 file=sys.stderr,
             )
         start = time.perf_counter()

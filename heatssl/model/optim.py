@@ -73,6 +73,18 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / 256
 
 
+def can_fuse(params: Any, precision: str) -> bool:
+    """Fused AdamW (one kernel for all tensors, no per-tensor step counter read on the host) where
+    every parameter allows it.
+
+    Not with float16 mixed precision: its gradient scaler unscales inside a fused step, so
+    gradients cannot be clipped before it.
+    """
+    if str(precision).startswith("16"):
+        return False
+    return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+
+
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups of ``module``'s trainable parameters: decayed weights, then the rest.
 

@@ -13,6 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,24 @@ from heatssl.errors import ConfigError
 from heatssl.probing.grid_store import GridStore
 
 Grids = Tensor | GridStore  # (N, d, h, w): in memory (small sets, tests) or on disk
+FALLBACK_ROWS = 1024  # first buffer size for a loader that says neither its dataset nor its length
+
+
+def subset_rows(n: int, most: int | None, seed: int = 0) -> Tensor | None:
+    """A seeded random subset of ``most`` of ``n`` rows, sorted (None: all rows)."""
+    if most is None or most >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:most].sort().values
+
+
+def planned_rows(loader: Any) -> int:
+    """How many images ``loader`` gives in one pass: its dataset's length, else its sampler's
+    (a DALI loader has no dataset), else :data:`FALLBACK_ROWS` (buffers then grow by doubling)."""
+    for attr in ("dataset", "sampler"):
+        part = getattr(loader, attr, None)
+        if part is not None and hasattr(part, "__len__"):
+            return len(part)
+    return FALLBACK_ROWS
 
 
 @dataclass
@@ -35,6 +54,7 @@ class FeatureSet:
     labels: Tensor
     grid_shape: tuple[int, int, int]  # (d, h, w) of one image
     grids: Grids | None = None
+    grid_rows: Tensor | None = None  # the rows whose grids ``grids`` holds, in order (None: all)
 
     @classmethod
     def from_grids(cls, grids: Tensor, labels: Tensor) -> FeatureSet:
@@ -68,6 +88,11 @@ class FeatureCache:
             part.grids = None
 
 
+def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> Tensor:
+    """A CPU buffer; pinned when device-to-host copies into it must not wait (a GPU backbone)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+
 @torch.no_grad()
 def extract(
     backbone: nn.Module,
@@ -75,22 +100,25 @@ def extract(
     device: torch.device,
     desc: str = "features",
     grids_to: str | Path | None = None,
+    grid_rows: Tensor | None = None,
 ) -> FeatureSet:
     """Run the frozen ``backbone`` once over ``loader``; keep the pooled features.
 
-    With ``grids_to`` (a file path) the grids are written there too, batch by batch (float16).
+    With ``grids_to`` (a file path) the grids are written there too, batch by batch (float16), all
+    of them or only those of ``grid_rows`` (sorted row numbers of the pass). Nothing in the loop
+    waits for the device: pooled features and labels are copied into pinned host buffers sized for
+    the whole pass, asynchronously, and grids go to a writer thread (:class:`GridStore`).
     """
     was_training = backbone.training
     backbone.eval()
     store = GridStore(grids_to) if grids_to is not None else None
     # Written in place into buffers sized for the whole split: appending many small tensors between
     # the large per-batch temporaries fragments the heap and grows the process by gigabytes.
-    dataset = getattr(loader, "dataset", None)
-    capacity = len(dataset) if hasattr(dataset, "__len__") else 1024  # (a DALI loader grows)
-    pooled: Tensor | None = None
-    labels = torch.empty(capacity, dtype=torch.long)
-    rows, skipped, grid_shape = 0, [], None
+    capacity = planned_rows(loader)
     on_gpu = device.type == "cuda"
+    pooled: Tensor | None = None
+    labels = _host_buffer((capacity,), torch.long, on_gpu)
+    rows, skipped, grid_shape = 0, [], None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
     try:
         for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
@@ -103,15 +131,23 @@ def extract(
                 grid = backbone(to_model_input(images.to(device, non_blocking=True))).half()
             grid_shape, n = tuple(grid.shape[1:]), grid.shape[0]
             if pooled is None:
-                pooled = torch.empty(capacity, grid_shape[0], dtype=torch.float16)
-            if rows + n > len(labels):  # a dataset without a length: grow by doubling
+                pooled = _host_buffer((capacity, grid_shape[0]), torch.float16, on_gpu)
+            if rows + n > len(labels):  # a loader that gave more than it said: grow by doubling
                 pooled = torch.cat([pooled, torch.empty_like(pooled)])
                 labels = torch.cat([labels, torch.empty_like(labels)])
-            pooled[rows : rows + n] = grid.float().mean(dim=(-2, -1)).half().cpu()
-            labels[rows : rows + n] = torch.as_tensor(targets, dtype=torch.long)
-            rows += n
+            mean = grid.float().mean(dim=(-2, -1)).half()  # on the device
+            pooled[rows : rows + n].copy_(mean, non_blocking=True)
+            labels[rows : rows + n].copy_(torch.as_tensor(targets), non_blocking=True)
             if store is not None:
-                store.append(grid)
+                if grid_rows is None:
+                    store.append(grid)
+                else:
+                    inside = grid_rows[(grid_rows >= rows) & (grid_rows < rows + n)] - rows
+                    if len(inside):
+                        store.append(grid[inside.to(device, non_blocking=True)])
+            rows += n
+        if on_gpu:
+            torch.cuda.current_stream(device).synchronize()  # the host buffers hold every batch
     except BaseException:
         if store is not None:
             store.delete()
@@ -124,7 +160,8 @@ def extract(
             store.delete()
         raise ConfigError(f"No images to extract {desc} from: the dataset split is empty.")
     grids = store.close() if store is not None else None
-    return FeatureSet(pooled[:rows].clone(), labels[:rows].clone(), grid_shape, grids)
+    kept = None if grid_rows is None or store is None else grid_rows[grid_rows < rows]
+    return FeatureSet(pooled[:rows].clone(), labels[:rows].clone(), grid_shape, grids, kept)
 
 
 def check_labels(train: FeatureSet, val: FeatureSet, class_names: list[str]) -> None:
@@ -160,18 +197,25 @@ def build_cache(
     class_names: list[str],
     device: torch.device | None = None,
     grid_dir: str | Path | None = None,
+    train_grid_rows: Tensor | None = None,
 ) -> FeatureCache:
     """Extract train and val features once and check that probes can use them.
 
-    With ``grid_dir`` the grids go to ``train_grids.f16`` and ``val_grids.f16`` there (for tran-1);
-    remove them with :meth:`FeatureCache.delete_grids`.
+    With ``grid_dir`` the grids go to ``train_grids.f16`` and ``val_grids.f16`` there (for tran-1),
+    the train grids of ``train_grid_rows`` only when given (tran-1's subset); remove them with
+    :meth:`FeatureCache.delete_grids`.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
     start = time.perf_counter()
     folder = Path(grid_dir) if grid_dir is not None else None
     train = extract(
-        backbone, train_loader, device, "train features", folder and folder / "train_grids.f16"
+        backbone,
+        train_loader,
+        device,
+        "train features",
+        folder and folder / "train_grids.f16",
+        train_grid_rows,
     )
     val = None
     try:

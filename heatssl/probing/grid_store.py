@@ -4,11 +4,18 @@ The tran-1 probe needs every image's (d, h, w) grid; for ImageNet with a ResNet-
 terabyte in float16. :class:`GridStore` appends the grids to one file of float16 rows and reads the
 rows a batch asks for with ``os.pread``, so the process holds one batch at a time and the operating
 system's page cache, not the process, keeps what fits.
+
+Writing never makes the extraction loop wait for the disk or for the device: :meth:`GridStore.append`
+starts the copy of a batch to the host (into pinned memory without a host sync when the grids are on
+a GPU) and a writer thread waits for that copy and writes it to the file while the next batch runs
+through the backbone. At most :data:`QUEUED_BATCHES` batches wait for the writer.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,8 @@ from torch import Tensor
 from heatssl.errors import ArgumentError
 
 _DTYPE = np.float16
+QUEUED_BATCHES = 4
+"""Batches copied (or being copied) to the host and waiting for the writer thread, at most."""
 
 
 class GridStore:
@@ -34,6 +43,10 @@ class GridStore:
         self._read: int | None = None
         self.row_shape: tuple[int, ...] | None = None
         self.rows = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUED_BATCHES)
+        self._failed: BaseException | None = None
+        self._writer = threading.Thread(target=self._drain, name="heatssl-grid-writer", daemon=True)
+        self._writer.start()
 
     @property
     def row_bytes(self) -> int:
@@ -49,24 +62,66 @@ class GridStore:
         return self.rows
 
     def append(self, grids: Tensor) -> None:
-        """Write a batch of grids (n, d, h, w) at the end, as float16."""
+        """Queue a batch of grids (n, d, h, w) for writing at the end, as float16.
+
+        The copy to the host is started here and finished by the writer thread: a batch on a GPU is
+        copied into pinned memory asynchronously, so this call does not wait for the device.
+        """
         if self._write is None:
             raise ArgumentError(f"{self.path}: the store is closed; append before close().")
+        self._raise_failed()
         if self.row_shape is None:
             self.row_shape = tuple(grids.shape[1:])
         elif tuple(grids.shape[1:]) != self.row_shape:
             raise ArgumentError(
                 f"grids of shape {tuple(grids.shape[1:])} cannot join a store of {self.row_shape}."
             )
-        data = grids.detach().to("cpu", torch.float16).contiguous().numpy()
-        self._write.write(data.tobytes())
+        grids = grids.detach()
+        event = None
+        if grids.device.type == "cuda":
+            host = torch.empty(grids.shape, dtype=torch.float16, pin_memory=True)
+            host.copy_(grids, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = grids.to(torch.float16).contiguous()
+        self._queue.put((host, event))  # waits only when QUEUED_BATCHES are already queued
         self.rows += grids.shape[0]
 
+    def _drain(self) -> None:
+        """The writer thread: wait for each batch's copy to the host, then write its bytes."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            host, event = item
+            if self._failed is not None:
+                continue  # keep taking batches so that append never blocks on a dead writer
+            try:
+                if event is not None:
+                    event.synchronize()  # this thread waits, not the extraction loop
+                self._write.write(host.numpy().tobytes())
+            except BaseException as err:  # e.g. a full disk: raised in the caller's thread
+                self._failed = err
+
+    def _raise_failed(self) -> None:
+        if self._failed is not None:
+            raise OSError(f"{self.path}: writing the feature grids failed: {self._failed}") from (
+                self._failed
+            )
+
+    def _stop_writer(self) -> None:
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join()
+
     def close(self) -> GridStore:
-        """Finish writing; the store can be read from now on."""
+        """Finish writing (every queued batch is on disk); the store can be read from now on."""
         if self._write is not None:
+            self._stop_writer()
             self._write.close()
             self._write = None
+            self._raise_failed()
             self._read = os.open(self.path, os.O_RDONLY)
         return self
 
@@ -114,6 +169,7 @@ class GridStore:
     def delete(self) -> None:
         """Close the store and remove its file."""
         if self._write is not None:
+            self._stop_writer()
             self._write.close()
             self._write = None
         if self._read is not None:

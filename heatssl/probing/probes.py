@@ -22,7 +22,7 @@ from heatssl.config import ProbeConfig, config_keys
 from heatssl.errors import ArgumentError, check_choice
 from heatssl.model.heads import LinearHead, Tran1Head
 from heatssl.model.optim import scaled_lr, warmup_cosine, weight_decay_groups
-from heatssl.probing.features import FeatureCache
+from heatssl.probing.features import FeatureCache, subset_rows
 
 ProbeOptimizer = Literal["sgd", "lars", "adamw"]
 """``sgd`` or ``lars`` (momentum 0.9) for the linear probe, ``adamw`` for tran-1."""
@@ -65,22 +65,21 @@ def train_head(
     )
     gen = torch.Generator().manual_seed(seed)
     head.train()
-    history = []
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
+    # each epoch's summed loss stays on the device: no host read until the end of training
+    sums = torch.zeros(epochs, device=device)
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
         order = torch.randperm(n, generator=gen)
-        running = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            x = inputs[idx].to(device).float()
-            loss = F.cross_entropy(head(x), labels[idx].to(device))
+            x = inputs[idx].to(device, non_blocking=True).float()
+            loss = F.cross_entropy(head(x), labels[idx].to(device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            running += loss.item()
-        history.append(running / steps_per_epoch)
+            sums[epoch] += loss.detach()
     head.eval()
-    return history
+    return (sums / steps_per_epoch).tolist()
 
 
 @torch.no_grad()
@@ -160,13 +159,6 @@ class _Rows:
         return self.data[self.index[rows]]
 
 
-def _subset(n: int, most: int | None) -> Tensor | None:
-    """A seeded random subset of ``most`` of ``n`` rows, in order (None: all rows)."""
-    if most is None or most >= n:
-        return None
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:most].sort().values
-
-
 def run_probes(
     cache: FeatureCache, cfg: ProbeConfig, device: torch.device | None = None
 ) -> tuple[dict[str, Any], dict[str, nn.Module]]:
@@ -207,9 +199,12 @@ def run_probes(
                 with config_keys(heads="probe.tran1_heads"):
                     head = Tran1Head(d, c, tokens=h * w, heads=cfg.tran1_heads)
                 x_train, x_val = cache.train.grids, cache.val.grids
-                subset = _subset(len(y_train), cfg.tran1_max_images)
-                if subset is not None:
-                    x_train, y_train = _Rows(x_train, subset), y_train[subset]
+                if cache.train.grid_rows is not None:  # only the subset's grids were kept
+                    y_train = y_train[cache.train.grid_rows]
+                else:
+                    subset = subset_rows(len(y_train), cfg.tran1_max_images)
+                    if subset is not None:
+                        x_train, y_train = _Rows(x_train, subset), y_train[subset]
                 args = (cfg.tran1_epochs, "adamw", cfg.tran1_base_lr, 0.05, 1)
             epochs, optimizer, base_lr, wd, warmup = args
             head.to(device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sys
 import time
 import warnings
 from collections.abc import Collection
@@ -27,8 +29,9 @@ from heatssl.model.backbone import Backbone, restride
 from heatssl.model.export import load_exported_backbone, read_export_metadata
 from heatssl.model.timm_folder import is_hub_source
 from heatssl.probing.embedding import write_embedding
-from heatssl.probing.features import FeatureCache, build_cache
+from heatssl.probing.features import FeatureCache, build_cache, subset_rows
 from heatssl.probing.head_files import save_head
+from heatssl.probing.plan import grid_folder, plan_probe
 from heatssl.probing.probes import run_probes
 from heatssl.probing.report import metrics_markdown
 from heatssl.train.build import MODEL_KEYS, build_backbone
@@ -171,27 +174,56 @@ def probe(
 ) -> ProbeResult:
     """Probe the backbone ``source`` on ``cfg.data`` with ``cfg.probe``; write the output folder.
 
-    tran-1's grids are written to ``<out>/grids/`` during the run and removed at its end.
+    The cost is printed first (:mod:`heatssl.probing.plan`). tran-1's grids (of its
+    ``probe.tran1_max_images`` subset) are written to a fresh folder in ``probe.grid_dir`` (default:
+    the output folder) during the run and removed at its end.
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir(source, cfg)
     torch.manual_seed(cfg.seed)
     backbone = resolve_backbone(source, cfg, named=named)
     # data.label_fraction < 1: only the labelled subset's features are extracted and trained on
-    data = build_datamodule(cfg.data, seed=cfg.seed, labelled=True, label_dir=out)
+    data = build_datamodule(cfg.data, seed=cfg.seed, labelled=True, label_dir=out, index_dir=out)
     batch = max(cfg.data.batch_size, 128)
-    cache = build_cache(
-        backbone,
-        data.feature_dataloader("train", batch),
-        data.feature_dataloader("val", batch),
-        data.class_names,
-        grid_dir=out / "grids" if "tran1" in cfg.probe.kinds else None,
-    )
-    # the heads' initial weights from the seed alone, whatever building the backbone drew
-    torch.manual_seed(cfg.seed)
+    train_loader = data.feature_dataloader("train", batch)
+    val_loader = data.feature_dataloader("val", batch)
+    n_train, n_val = len(data.train_dataset), len(data.val_dataset)
+    tran1 = "tran1" in cfg.probe.kinds
+    grid_rows = subset_rows(n_train, cfg.probe.tran1_max_images) if tran1 else None
+    grids = grid_folder(cfg.probe.grid_dir, out) if tran1 else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        metrics, heads = run_probes(cache, cfg.probe)
+        with config_keys(heads="probe.tran1_heads"):
+            plan = plan_probe(
+                backbone,
+                cfg.probe,
+                cfg.data.image_size,
+                batch,
+                n_train,
+                n_val,
+                len(data.class_names),
+                n_train if grid_rows is None else len(grid_rows),
+                grids,
+                device,
+            )
+        print(f"heatssl: {plan.line()}", file=sys.stderr, flush=True)
+        cache = build_cache(
+            backbone,
+            train_loader,
+            val_loader,
+            data.class_names,
+            device,
+            grid_dir=grids,
+            train_grid_rows=grid_rows,
+        )
+        # the heads' initial weights from the seed alone, whatever building the backbone drew
+        torch.manual_seed(cfg.seed)
+        try:
+            metrics, heads = run_probes(cache, cfg.probe)
+        finally:
+            cache.delete_grids()
     finally:
-        cache.delete_grids()
+        if grids is not None:
+            shutil.rmtree(grids, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     for kind, head in heads.items():

@@ -24,6 +24,7 @@ from heatssl.data.transforms import denormalize, to_model_input
 from heatssl.errors import CheckpointError, NonFiniteLossError
 from heatssl.model.heads import LinearHead
 from heatssl.model.optim import (
+    can_fuse,
     clock_warmup_cosine,
     epoch_warmup_cosine,
     step_schedule,
@@ -35,6 +36,7 @@ from heatssl.train.build import MODEL_KEYS, build_qbheat, peak_lr
 from heatssl.train.callbacks import batches_seen
 from heatssl.train.checkpoint import restore_rng, rng_state
 from heatssl.train.nonfinite import NonFiniteWatch
+from heatssl.train.preemption import start_compile_workers
 
 TIME_WARMUP = 0.1  # its warm-up, as a fraction of the budget (as scripts/compare.py)
 
@@ -47,17 +49,6 @@ def drop_pruned_layers(module: torch.nn.Module, state: dict[str, Any]) -> dict[s
     own = module.state_dict().keys()
     prefix = "qbheat.backbone.model."
     return {k: v for k, v in state.items() if k in own or not k.startswith(prefix)}
-
-
-def _can_fuse(params: Any, precision: str) -> bool:
-    """Fused AdamW (one kernel for all tensors) where every parameter allows it.
-
-    Not with float16 mixed precision: its gradient scaler unscales inside a fused step, so
-    gradients cannot be clipped before it. bf16 clips in ``configure_gradient_clipping``.
-    """
-    if str(precision).startswith("16"):
-        return False
-    return all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
 
 
 class HeatPretrainModule(L.LightningModule):
@@ -99,6 +90,7 @@ class HeatPretrainModule(L.LightningModule):
         """
         t = self.cfg.trainer
         if t.compile and not getattr(self, "_compiled", False):
+            start_compile_workers()  # before the preemption signal could reach them
             self.qbheat.compile(mode=t.compile_mode, dynamic=False)
             self._compiled = True
 
@@ -110,7 +102,8 @@ class HeatPretrainModule(L.LightningModule):
     ) -> None:
         """Clip here for fused AdamW under bf16-mixed: Lightning refuses any fused optimiser in its
         mixed-precision plugin, though bf16 has no gradient scaler and the gradients are exact.
-        float16 (scaled gradients) never fuses (:func:`_can_fuse`) and takes Lightning's path."""
+        float16 (scaled gradients) never fuses (:func:`~heatssl.model.optim.can_fuse`) and takes
+        Lightning's path."""
         if gradient_clip_val and optimizer.defaults.get("fused"):
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":  # a str enum in Lightning
@@ -257,7 +250,7 @@ class HeatPretrainModule(L.LightningModule):
             groups,
             lr=self.learning_rate(),
             betas=tuple(opt.betas),
-            fused=_can_fuse(self.qbheat.parameters(), self.cfg.trainer.precision),
+            fused=can_fuse(self.qbheat.parameters(), self.cfg.trainer.precision),
         )
         budget = self.cfg.trainer.max_time_seconds()
         if budget:  # the schedule follows the clock: warm-up over 10% of the budget, then cosine
@@ -289,7 +282,9 @@ class HeatPretrainModule(L.LightningModule):
         was_training = self.qbheat.training
         self.qbheat.eval()
         q = torch.arange(images.shape[0], device=images.device) % 4
-        out = self.qbheat(images, quadrant=q)
+        # eager, never the compiled graph: a picture's other batch size and eval mode would
+        # compile a second graph on process 0 at an epoch end while every other process waits
+        out = self.qbheat.forward(images, quadrant=q)
         self.qbheat.train(was_training)
         pred = out.pred.float()
         if self.qbheat.norm_pix:

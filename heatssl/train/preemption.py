@@ -56,6 +56,28 @@ class Interrupted(HeatSSLError):
         self.exit_code = 128 + int(signum)
 
 
+def start_compile_workers() -> None:
+    """Start torch.compile's worker processes now, with the preemption signal ignored.
+
+    SLURM's notice (SIGUSR1) reaches every process of the job step, inductor's compile workers
+    too, and their default action is to die: a run that compiles in parallel then fails at its
+    next compile. A process started while a signal is ignored keeps ignoring it (through exec), so
+    the pool is started here with SIGUSR1 ignored and this process's own handler put back. Without
+    a parallel pool (``TORCHINDUCTOR_COMPILE_THREADS=1``) there is nothing to start.
+    """
+    if PREEMPTION_SIGNAL is None:
+        return
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+    except ImportError:  # a torch without inductor: nothing compiles in other processes
+        return
+    previous = signal.signal(PREEMPTION_SIGNAL, signal.SIG_IGN)
+    try:
+        AsyncCompile.warm_pool()
+    finally:
+        signal.signal(PREEMPTION_SIGNAL, previous)
+
+
 def slurm_job_id() -> str | None:
     """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for array jobs, else the job id."""
     array = os.environ.get("SLURM_ARRAY_JOB_ID")

@@ -27,7 +27,7 @@ from heatssl.train.build import scale_line
 from heatssl.train.checkpoint import pickle_trusted, safe_torch_load
 from heatssl.train.lock import holding_run_lock
 from heatssl.train.module import HeatPretrainModule, drop_pruned_layers
-from heatssl.train.trainer import build_trainer, checkpoint_dir
+from heatssl.train.trainer import build_trainer, checkpoint_dir, planned_devices
 
 RESUME_ENV = "HEATSSL_RESUME_FROM"
 """Set by process 0 for the processes it starts: the checkpoint it resolved (empty: none)."""
@@ -137,7 +137,10 @@ def _pretrain_locked(
     """:func:`pretrain` once the run folder is this process's."""
     inherited = RESUME_ENV in os.environ
     ckpt_path = agreed_resume(cfg, resume, trainer)  # a missing checkpoint stops here, early
-    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    # an image folder's file list: scanned by process 0 once, read by the others and by requeues
+    datamodule = build_datamodule(
+        cfg.data, seed=cfg.seed, index_dir=run_dir, rank=trainer.global_rank
+    )
     if not cfg.data.download:
         datamodule.setup("fit")  # a missing or malformed dataset stops here, before anything runs
     classes = datamodule.num_classes if cfg.probe.online else None
@@ -170,8 +173,11 @@ def _pretrain_locked(
 
 
 def benchmark_loader(cfg: Config, batches: int = 50, warmup: int = 5) -> dict[str, float]:
-    """Images/s of ``cfg``'s training loader alone, as the Trainer would build it."""
+    """Images/s of ``cfg``'s training loader alone, as the Trainer would build it for one of its
+    processes: with ``data.num_workers=auto``, that process's share of the node's cores (the
+    config's devices per node share them), not the whole node's."""
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    datamodule.local_processes = planned_devices(cfg)
     datamodule.setup("fit")
     return loader_throughput(
         datamodule.train_dataloader(), batches, warmup, progress=cfg.trainer.progress_bar

@@ -74,6 +74,24 @@ def launch_plan(cfg: Config) -> str:
     )
 
 
+COMPILE_CACHE = "compile_cache"
+"""In a run folder: torch.compile's cache (inductor and Triton), shared by every node and requeue."""
+
+
+def use_compile_cache(run_dir: str | Path) -> Path | None:
+    """Keep torch.compile's cache in ``RUN/compile_cache`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set.
+
+    Its default is a node-local /tmp folder: every start and requeue on another node compiled
+    from scratch. The run folder is on a file system every node sees, and inductor writes its
+    cache entries atomically. Returns the folder used (None: the user's own setting stands).
+    """
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    folder = Path(run_dir).resolve() / COMPILE_CACHE
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
+
+
 def check_machine(cfg: Config) -> None:
     """Refuse settings this machine cannot run (the config itself was validated when loaded)."""
     if cfg.trainer.sync_batchnorm and not _uses_gpu(cfg):
@@ -254,6 +272,8 @@ def build_trainer(
     """
     t = cfg.trainer
     check_machine(cfg)
+    if t.compile:
+        use_compile_cache(run_dir)
     on_gpu = _uses_gpu(cfg)
     if on_gpu:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: float32 keeps bf16's range

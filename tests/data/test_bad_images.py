@@ -76,7 +76,7 @@ def test_all_bad_or_empty_dataset_stops_before_training(tmp_path):
         (tmp_path / "empty" / "train" / cls).mkdir(parents=True)
     with pytest.raises(BadImageError, match="No readable image in the train split: all 4"):
         _data(tmp_path / "bad").setup()
-    with pytest.raises(ConfigError, match="Cannot read"):
+    with pytest.raises(ConfigError, match=r"No image file .* class folder\(s\) a, b"):
         _data(tmp_path / "empty").setup()
 
 
@@ -110,6 +110,11 @@ def test_pretraining_reports_the_bad_files_each_epoch(tmp_path, capsys, backend)
     assert by_epoch == {f"epoch {e}": {*UNREADABLE, "broken.jpg"} for e in (0, 1)}
     err = capsys.readouterr().err
     assert err.count("skipped 4 unreadable image file(s)") == 2
+    # the file lists were scanned once, into the run folder, for every process and requeue
+    assert {p.name for p in (result.run_dir / "file_index").iterdir()} == {
+        "train.json.gz",
+        "val.json.gz",
+    }
     if backend == "dali":  # the probe's feature extraction reads through DALI too
         probed = probe(str(result.run_dir / "checkpoints" / "last.ckpt"), cfg, tmp_path / "probe")
         assert probed.metrics["train_images"] == 21 and probed.metrics["val_images"] == 6

@@ -327,6 +327,48 @@ def test_pil_loader_workers_forked_after_a_dali_pass_survive_garbage_collection(
         gc.collect()
 
 
+# ----- 6b. the training thread does not wait --------------------------------------------------------
+@needs_dali
+def test_files_are_read_in_parallel_outside_the_training_thread(files, monkeypatch):
+    """Reading and checking every file in the training thread capped a process at 1-3k images/s
+    on a shared file system: the batches are read ahead in other threads, several files at once."""
+    import threading
+    import time
+
+    from heatssl.data import encoded
+
+    readers: list[int] = []
+    real = encoded.encoded_image
+
+    def slow(path):
+        readers.append(threading.get_ident())
+        time.sleep(0.01)  # a cold file system
+        return real(path)
+
+    monkeypatch.setattr(encoded, "encoded_image", slow)
+    labels = _labels(_loader(files, num_threads=4))
+    assert labels == list(range(COUNT))  # the sampler's order, whatever thread read a file
+    assert threading.get_ident() not in readers
+    assert len(set(readers)) > 1
+
+
+@needs_dali
+def test_labels_are_handed_over_on_the_cpu_whatever_device_holds_the_images(files, monkeypatch):
+    """Moving labels from pageable memory to the GPU in the loader synchronised the stream every
+    batch: they stay on the CPU (pinned on a GPU run) and Lightning moves them."""
+    loader = _loader(files)
+    loader.device = torch.device("meta")  # images "elsewhere", as on a GPU
+    monkeypatch.setattr(
+        DaliLoader,
+        "_images",
+        lambda self, out: torch.empty(len(out), 3, SIZE, SIZE, dtype=torch.uint8, device="meta"),
+    )
+    batches = list(loader)
+    assert all(images.device.type == "meta" for images, _, _ in batches)
+    assert all(labels.device.type == "cpu" for _, labels, _ in batches)
+    assert [int(x) for _, labels, _ in batches for x in labels] == list(range(COUNT))
+
+
 # ----- 7. without DALI ---------------------------------------------------------------------------
 def test_without_dali_the_module_imports_and_names_the_install(monkeypatch, files):
     monkeypatch.setattr(dali_module, "dali_available", lambda: False)

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from heatssl.config import DataConfig
-from heatssl.data.module import HeatDataModule, build_datamodule, cores_per_process
+from heatssl.data.module import (
+    HeatDataModule,
+    auto_workers,
+    build_datamodule,
+    cores_per_process,
+)
 from heatssl.errors import ConfigError
 from tests.data.checks import check_batch
 
@@ -34,7 +39,7 @@ def test_digits_batches_and_split(digits: HeatDataModule) -> None:
     check_batch(next(iter(digits.val_dataloader())), 16, 32)
     loader = digits.train_dataloader()
     assert loader.drop_last and not digits.val_dataloader().drop_last
-    assert loader.num_workers == cores_per_process() and loader.persistent_workers  # "auto"
+    assert loader.num_workers == auto_workers() and loader.persistent_workers  # "auto"
 
 
 def test_digits_split_disjoint_and_tied_to_the_data_not_the_run_seed(digits) -> None:
@@ -138,6 +143,16 @@ def test_auto_workers_are_the_cores_of_each_process(monkeypatch) -> None:
     assert cores_per_process(4) == 4
     dm = HeatDataModule(DataConfig(name="digits", num_workers=3))
     assert dm.num_workers == 3
+
+
+def test_auto_workers_leave_two_cores_to_the_training_and_pinning_threads(monkeypatch) -> None:
+    """Every core to loader workers left none for the training thread and the pin-memory thread."""
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert auto_workers(1) == 14 and auto_workers(2) == 6 and auto_workers(8) == 1
+    assert HeatDataModule(DataConfig(name="digits")).num_workers == 14
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert auto_workers(1) == 1  # at least one
 
 
 def test_a_worker_s_batch_is_written_into_shared_memory_once(monkeypatch) -> None:

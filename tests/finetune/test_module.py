@@ -1,10 +1,12 @@
+import warnings
+
 import pytest
 import torch
 
 from heatssl.config import ConfigError, load_config
 from heatssl.finetune.data import TimmTrainTransform
 from heatssl.finetune.module import FinetuneModule
-from heatssl.finetune.run import family
+from heatssl.finetune.recipe import family, resolve
 from heatssl.model.timm_folder import timm_classifier
 from heatssl.train.build import build_backbone
 from tests.helpers import tiny_settings
@@ -15,7 +17,7 @@ VIT = ["model.backbone=test_vit", "model.output_stride=null", "model.kwargs={pat
 def _module(tmp_path, extra=(), classes=10):
     cfg = load_config("demo", [*tiny_settings(tmp_path / "run"), *extra])
     backbone = build_backbone(cfg.model, cfg.data.image_size, check_size=False)
-    recipe = cfg.finetune.resolved(family(backbone))
+    recipe = resolve(cfg.finetune, backbone)
     model = timm_classifier(backbone, classes, drop_path_rate=recipe.drop_path)
     return FinetuneModule(model, cfg, recipe, classes), backbone, recipe
 
@@ -80,3 +82,19 @@ def test_the_training_transform_is_timm_randaugment_with_uint8_out():
     out = tf(Image.new("L", (50, 40), 128))
     assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
     assert "ColorJitter" not in names
+
+
+@pytest.mark.parametrize("extra", [[], VIT])
+def test_an_lr_above_the_recipes_ceiling_is_warned_with_the_base_lr_that_fits(tmp_path, extra):
+    """4 nodes x 8 GPUs x 256: the scaled lr is 8x what the recipe was set for (batch 1024)."""
+    from heatssl.errors import HeatSSLWarning
+    from heatssl.finetune.recipe import RECIPE_BATCH, check_scale, lr_ceiling
+
+    _, _, recipe = _module(tmp_path, extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_scale(recipe, RECIPE_BATCH) == pytest.approx(lr_ceiling(recipe.recipe))
+    with pytest.warns(HeatSSLWarning, match=rf"above .* {recipe.recipe} recipe .*base_lr=") as got:
+        lr = check_scale(recipe, 4 * 8 * 256)
+    assert lr == pytest.approx(8 * lr_ceiling(recipe.recipe))
+    assert f"finetune.base_lr={recipe.base_lr / 8:.3g}" in str(got[0].message)

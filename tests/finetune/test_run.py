@@ -102,7 +102,11 @@ def test_the_command_fine_tunes_a_pretrained_checkpoint_and_refuses_dali(tmp_pat
     code = main(["finetune", str(done.last_checkpoint), "finetune.epochs=1"])
     assert code == 0
     assert (tmp_path / "run" / "finetune" / "model_timm" / "config.json").is_file()
-    assert "fine-tuned model in" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "fine-tuned model in" in said.out
+    # the start line spells out the batch and the lr that follows it, as pretraining's does
+    assert "effective batch 8 = 8 per device x 1 devices x 1 nodes x 1 accumulation" in said.err
+    assert "lr 3.125e-05 = base_lr 0.001 x 8 / 256" in said.err
     with pytest.raises(ConfigError, match=r"data\.backend=pil"):
         finetune(
             str(done.last_checkpoint),

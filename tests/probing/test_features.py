@@ -208,3 +208,61 @@ def test_check_labels_refuses_labels_without_class_names():
     val = FeatureSet.from_grids(grids, torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ConfigError, match="Label 2 has no class name"):
         check_labels(train, val, ["a", "b"])
+
+
+# ----------------------------------------------------------------- scale: subsets, buffers, syncs
+
+
+def test_only_the_subsets_train_grids_are_written_and_tran1_gets_their_labels(resnet, tmp_path):
+    """tran-1 on a subset: the grids of the other rows never reach the disk (on ImageNet they
+    are most of 350 GB)."""
+    train_loader, _ = _loader(10, 4)
+    val_loader, _ = _loader(4, 4, seed=1)
+    rows = torch.tensor([1, 4, 5, 9])
+    cache = build_cache(resnet, train_loader, val_loader, ["a", "b", "c"], CPU, tmp_path, rows)
+    try:
+        assert cache.train.grids.rows == 4 and cache.val.grids.rows == 4
+        assert torch.equal(cache.train.grid_rows, rows)
+        full = build_cache(resnet, train_loader, val_loader, ["a", "b", "c"], CPU, tmp_path / "all")
+        torch.testing.assert_close(cache.train.grids[torch.arange(4)], full.train.grids[rows])
+        full.delete_grids()
+    finally:
+        cache.delete_grids()
+
+
+def test_a_loader_without_a_dataset_gets_buffers_sized_from_its_sampler():
+    """A DALI loader has no dataset: its feature cache was sized 1,024 rows and grew by doubling
+    (copies of the whole cache); its sampler says how many rows come."""
+    from heatssl.data.sampler import EpochSampler
+    from heatssl.probing.features import planned_rows
+
+    loader = type("DaliLike", (), {"sampler": EpochSampler(3000, shuffle=False)})()
+    assert planned_rows(loader) == 3000
+    assert planned_rows(type("Unsized", (), {})()) == 1024
+
+
+def test_extraction_and_the_linear_heads_loop_read_nothing_on_the_host_per_step(
+    resnet, monkeypatch
+):
+    """On a GPU each of these reads makes the host wait for the device: the extraction copies
+    into host buffers asynchronously and the probe head's loss is read once, after training."""
+    from heatssl.probing.probes import train_head
+
+    reads: list[str] = []
+    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(t, *a, _n=name, _f=original, **k):
+            reads.append(_n)
+            return _f(t, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    extract(resnet, _loader(4, 4)[0], CPU)
+    once = len(reads)  # the DataLoader's own seed draw, per pass
+    reads.clear()
+    extract(resnet, _loader(24, 4)[0], CPU)
+    assert len(reads) == once  # six batches: nothing more per batch
+    reads.clear()
+    head = nn.Linear(8, 3)
+    losses = train_head(head, torch.randn(64, 8), torch.arange(64) % 3, 3, 8, "sgd", 0.1)
+    assert len(losses) == 3 and reads == ["tolist"]  # 24 steps, one read at the end

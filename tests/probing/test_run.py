@@ -97,3 +97,50 @@ def test_model_output_stride_cannot_change_a_trained_backbone(probe_overrides, c
     assert main(["probe", ckpt, "model.output_stride=16"]) == 2
     err = capsys.readouterr().err
     assert "model.output_stride=16 cannot change" in err and "probe.output_stride=16" in err
+
+
+def test_the_plan_is_printed_before_any_extraction_and_grids_go_to_grid_dir(
+    probe_overrides, tmp_path, capsys, monkeypatch
+):
+    """The cost (images, time, memory, grid bytes and where) is said first; probe.grid_dir=tmp
+    puts the grids in the system's temporary folder (node-local scratch), removed at the end."""
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seen: dict[str, str] = {}
+    real = probing.build_cache
+
+    def build_cache(*args, **kwargs):
+        seen["before"] = capsys.readouterr().err
+        seen["grid_dir"] = str(kwargs["grid_dir"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probing, "build_cache", build_cache)
+    cfg = load_config(
+        "demo",
+        [*probe_overrides, "probe.kinds=[tran1]", "probe.grid_dir=tmp", "probe.tran1_max_images=7"],
+    )
+    probing.probe("test_resnet", cfg, tmp_path / "probe")
+    line = seen["before"]
+    assert "probe plan: extract 30 train + 10 val images" in line
+    assert "tran-1 on 7 train images" in line and f"in {scratch}" in line and "free" in line
+    assert seen["grid_dir"].startswith(str(scratch / "heatssl-grids-"))
+    assert list(scratch.iterdir()) == []  # removed at the end
+
+
+def test_grids_that_do_not_fit_the_disk_are_refused_before_extraction(
+    probe_overrides, tmp_path, monkeypatch
+):
+    import shutil
+
+    from heatssl.probing import plan
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(probing, "build_cache", lambda *a, **k: pytest.fail("extracted"))
+    cfg = load_config("demo", [*probe_overrides, "probe.kinds=[linear,tran1]"])
+    with pytest.raises(ConfigError, match=r"grids need .* 1\.0 kB free.*probe\.tran1_max_images="):
+        probing.probe("test_resnet", cfg, tmp_path / "probe")
+    assert not list((tmp_path / "probe").glob("heatssl-grids-*"))

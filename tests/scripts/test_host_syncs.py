@@ -2,14 +2,19 @@
 
 import sys
 
+import pytest
+
 from tests.helpers import SCRIPTS
 
 sys.path.insert(0, str(SCRIPTS))
 import bench_host_syncs
 
 
-def test_training_steps_read_nothing_on_the_host_between_logging_steps(tmp_path):
-    args = bench_host_syncs.parse_args(["--steps", "12", "--log-every", "4"])
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_training_steps_read_nothing_on_the_host_between_logging_steps(task, tmp_path):
+    """Pretraining and fine-tuning (which read the loss after every step for the progress bar
+    until it took pretraining's way: the bar reads it when it refreshes)."""
+    args = bench_host_syncs.parse_args(["--steps", "12", "--log-every", "4", "--task", task])
     result = bench_host_syncs.count(args, tmp_path / "run")
     plain = [b for b in result["per_batch"] if not b["logs"]]
     assert len(plain) >= 4

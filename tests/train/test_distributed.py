@@ -140,14 +140,22 @@ def test_every_recipe_pretrains_under_two_process_ddp(recipe, tmp_path):
     assert last["global_step"] == 2  # 16 images, 4 per rank, 2 ranks
 
 
-def test_finetuning_under_two_process_ddp_scores_the_whole_val_split(tmp_path):
-    """Fine-tuning on the pretraining Trainer, 2 gloo ranks: every val image is scored once (the
-    metrics sync over processes) and process 0 alone writes the report and the timm folder."""
+FAMILIES = {
+    "cnn": ["model.backbone=test_resnet", "model.output_stride=8"],
+    "vit": ["model.backbone=test_vit", "model.kwargs.patch_size=4", "model.output_stride=null"],
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_finetuning_with_ema_under_two_process_ddp_scores_the_whole_val_split(family, tmp_path):
+    """Fine-tuning on the pretraining Trainer, 2 gloo ranks, EMA on, each recipe family: the EMA
+    holds no gradients (timm's copy keeps requires_grad, which stopped DDP at step 2), every val
+    image is scored once (the metrics sync over processes) and process 0 alone writes the report
+    and the timm folder."""
     out = tmp_path / "ft"
     overrides = [
         f"run_dir={tmp_path / 'run'}",
-        "model.backbone=test_resnet",
-        "model.output_stride=8",
+        *FAMILIES[family],
         "data.name=synthetic",
         "data.synthetic_size=40",
         "data.image_size=32",
@@ -158,11 +166,21 @@ def test_finetuning_under_two_process_ddp_scores_the_whole_val_split(tmp_path):
         "trainer.strategy=ddp",
         "trainer.progress_bar=false",
         "finetune.epochs=1",
+        "finetune.ema_decay=0.9",
         f"finetune.out_dir={out}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "heatssl.cli", "finetune", "test_resnet", "-c", "demo", *overrides],
+        [
+            sys.executable,
+            "-m",
+            "heatssl.cli",
+            "finetune",
+            overrides[1].split("=")[1],
+            "-c",
+            "demo",
+            *overrides,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -170,5 +188,7 @@ def test_finetuning_under_two_process_ddp_scores_the_whole_val_split(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["recipe"] == family and metrics["reported"] == "ema_top1"
+    assert len(metrics["epochs"]) == 1 and metrics["epochs"][0]["epoch"] == 1
     assert metrics["val_scored"] == metrics["val_images"] == 10  # 40 images: one per class held out
     assert (out / "model_timm" / "model.safetensors").is_file()

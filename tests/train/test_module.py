@@ -177,3 +177,18 @@ def test_bf16_mixed_precision_clips_gradients_with_fused_adamw(tiny_overrides):
         p.grad = torch.full_like(p, 10.0)
     module.configure_gradient_clipping(opt, gradient_clip_val=0.5, gradient_clip_algorithm="value")
     assert all(float(p.grad.max()) == pytest.approx(0.5) for p in params)
+
+
+def test_the_reconstruction_pictures_never_run_the_compiled_graph(tiny_overrides):
+    """A picture batch (8 images, eval mode) through the compiled forward compiled a second graph
+    on process 0 at an epoch end while every other process waited at the next collective."""
+    module = HeatPretrainModule(load_config("demo", tiny_overrides))
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("the picture ran the compiled graph")
+
+    module.qbheat._compiled_call_impl = compiled  # what nn.Module.compile installs
+    shown, mask, recon = module.reconstruct(
+        torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    )
+    assert recon.shape == shown.shape == (3, 3, 32, 32) and mask.shape == (3, 1, 32, 32)

@@ -275,3 +275,37 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
     assert "Traceback" not in err
     assert "a second time: stopped at once, without saving" in err
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # nothing saved mid-epoch 0
+
+
+_COMPILE_POOL = """
+import signal, sys
+from torch._inductor.async_compile import AsyncCompile
+from heatssl.train.preemption import start_compile_workers
+signal.signal(signal.SIGUSR1, lambda *a: None)  # the run's own handler (SignalCheckpoint)
+start_compile_workers()
+assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_IGN  # this process still listens
+print(AsyncCompile.process_pool().process.pid)
+"""
+
+
+def test_compile_workers_ignore_the_preemption_signal(tmp_path):
+    """SLURM's SIGUSR1 reaches the compile workers too, whose default action is to die: the sbatch
+    script compiled in one thread because of it. They are started with the signal ignored."""
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _COMPILE_POOL + "sys.stdin.read()"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = int(proc.stdout.readline())
+        status = Path(f"/proc/{pid}/status").read_text()
+        ignored = int(
+            next(x for x in status.splitlines() if x.startswith("SigIgn:")).split()[1], 16
+        )
+        assert ignored & (1 << (signal.SIGUSR1 - 1)), status
+    finally:
+        proc.communicate("", timeout=60)
+    assert proc.returncode == 0

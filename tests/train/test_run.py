@@ -148,6 +148,18 @@ def test_loader_benchmark_counts_images(tiny_overrides):
         run.benchmark_loader(cfg, batches=3, warmup=100)
 
 
+def test_loader_benchmark_sizes_auto_workers_by_the_processes_share(tiny_overrides, monkeypatch):
+    """On an 8-GPU node each process gets an eighth of the cores: the benchmark measured the
+    loader with the whole node's, overstating a process's images/s by up to 8x."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    one = load_config("demo", [*tiny_overrides, "data.num_workers=auto", "trainer.devices=1"])
+    eight = load_config("demo", [*tiny_overrides, "data.num_workers=auto", "trainer.devices=8"])
+    monkeypatch.setattr(run, "loader_throughput", lambda loader, *a, **k: loader.num_workers)
+    assert run.benchmark_loader(one) == 30  # 32 cores less the two the process keeps
+    assert run.benchmark_loader(eight) == 2  # 32 / 8 = 4, less two
+
+
 def test_compiled_channels_last_run_trains_and_keeps_plain_keys(tiny_overrides):
     cfg = load_config(
         "demo", [*tiny_overrides, "trainer.compile=true", "trainer.channels_last=true"]
@@ -355,3 +367,19 @@ def test_a_bf16_mixed_run_with_gradient_clipping_trains(tmp_path):
     assert cfg.trainer.gradient_clip_val == 1.0
     done = run.pretrain(cfg)
     assert done.global_step > 0 and done.last_checkpoint.exists()
+
+
+def test_a_compiling_run_keeps_its_compile_cache_in_the_run_folder(tiny_overrides, monkeypatch):
+    """inductor's default cache is node-local (/tmp): every requeue on another node compiled from
+    scratch. A user's TORCHINDUCTOR_CACHE_DIR stands."""
+    from heatssl.train.trainer import build_trainer
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cfg = load_config("demo", [*tiny_overrides, "trainer.compile=true"])
+    build_trainer(cfg, Path(cfg.run_dir))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(
+        Path(cfg.run_dir).resolve() / "compile_cache"
+    )
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    build_trainer(cfg, Path(cfg.run_dir))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
