@@ -8,16 +8,19 @@ losses are used::
     heat_loss = HeatLoss(dim=512)                   # learned A, B; add its parameters to your optimiser
     loss = ssl_loss + 0.1 * heat_loss(feature_map)  # any (N, d, h, w) map with h, w >= 2
 
-The pipeline (pretrain, probe, heat maps) runs from Python as the CLI runs it::
+The pipeline (pretrain, probe, export, fine-tune, heat maps) runs from Python as the CLI runs it::
 
-    from heatssl import load_config, pretrain, probe
+    from heatssl import export_timm, finetune, load_config, pretrain, probe, source_config
 
     cfg = load_config("demo")
-    result = pretrain(cfg)
-    probe(str(result.last_checkpoint), cfg)
+    ckpt = str(pretrain(cfg).last_checkpoint)
+    probe(ckpt, cfg)
+    export_timm(ckpt)  # a timm folder: timm.create_model("local-dir:...", pretrained=True)
+    finetune(ckpt, source_config(ckpt, None, ["finetune.epochs=2"]))
 
 The model-level names import only torch and timm; the run-level ones (``pretrain``, ``probe``,
-``heatmaps``, ...) load Lightning, grad-cam and matplotlib on first use.
+``finetune``, exports, ...) load their libraries (Lightning, safetensors, grad-cam, matplotlib) on
+first use.
 """
 
 from __future__ import annotations
@@ -37,23 +40,30 @@ from heatssl.errors import (
 )
 from heatssl.model.backbone import Backbone
 from heatssl.model.decoder import ConvDecoder
-from heatssl.model.export import export_backbone, load_exported_backbone, read_export_metadata
 from heatssl.model.heads import LinearHead, Tran1Head
 from heatssl.model.heat import HeatOperators, HeatPredictor, MaskTokenPredictor
 from heatssl.model.heat_loss import HeatLoss
 from heatssl.model.qbheat import QBHeat, QBHeatOutput
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
-    "HeatDataModule": "heatssl.data.module",
-    "HeatPretrainModule": "heatssl.train.module",
-    "pretrain": "heatssl.train.run",
-    "backbone_from_checkpoint": "heatssl.train.run",
-    "trusted_checkpoints": "heatssl.train.checkpoint",
-    "probe": "heatssl.probing.run",
-    "load_linear_head": "heatssl.probing.head_files",
+    "HeatDataModule": "heatssl.data.datamodule",
+    "HeatPretrainModule": "heatssl.train.pretrain_module",
+    "pretrain": "heatssl.train.pretrain",
+    "probe": "heatssl.probing.probe",
+    "finetune": "heatssl.finetuning.finetune",
     "heatmaps": "heatssl.explain.cam",
+    "backbone_from_checkpoint": "heatssl.runs.sources",
+    "resolve_backbone": "heatssl.runs.sources",
+    "source_config": "heatssl.runs.sources",
+    "read_export_metadata": "heatssl.runs.sources",
+    "load_exported_backbone": "heatssl.runs.sources",
+    "export_backbone": "heatssl.runs.exports",
+    "export_checkpoint": "heatssl.runs.exports",
+    "export_timm": "heatssl.runs.timm_folder",
+    "trusted_checkpoints": "heatssl.runs.checkpoints",
+    "load_linear_head": "heatssl.runs.head_files",
 }
 
 __all__ = [
@@ -76,10 +86,7 @@ __all__ = [
     "Tran1Head",
     "UnreadableImageError",
     "__version__",
-    "export_backbone",
     "load_config",
-    "load_exported_backbone",
-    "read_export_metadata",
     *_LAZY,
 ]
 

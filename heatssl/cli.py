@@ -9,22 +9,24 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import yaml
 
 from heatssl.config import Config, load_config
 from heatssl.console import one_line_warnings, quiet_libraries
 from heatssl.errors import ConfigError, HeatSSLError
-from heatssl.explain import run as explaining
+from heatssl.explain import maps as explaining
 from heatssl.explain.cam import METHODS
-from heatssl.finetune import run as finetuning
-from heatssl.probing import run as probing
+from heatssl.finetuning import finetune as finetuning
+from heatssl.probing import probe as probing
 from heatssl.probing.report import top1_table
-from heatssl.probing.timm_export import export_timm
-from heatssl.train import run as pretraining
-from heatssl.train.checkpoint import trusted_checkpoints
-from heatssl.train.trainer import launch_plan
+from heatssl.runs.checkpoints import trusted_checkpoints
+from heatssl.runs.exports import export_checkpoint
+from heatssl.runs.layout import RunLayout, default_out_dir
+from heatssl.runs.sources import source_config
+from heatssl.runs.timm_folder import export_timm
+from heatssl.runs.trainer import launch_plan
+from heatssl.train import pretrain as pretraining
 
 DESCRIPTION = (
     "Self-supervised pretraining of timm backbones with the heat equation (QB-Heat), frozen-backbone "
@@ -207,7 +209,7 @@ def _named_model_keys(overrides: list[str]) -> set[str]:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    cfg = probing.probe_config(args.source, args.config, args.overrides)
+    cfg = source_config(args.source, args.config, args.overrides)
     if args.print_config:
         _print_config(cfg)
         return 0
@@ -219,7 +221,7 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    cfg = probing.probe_config(args.source, args.config, args.overrides)
+    cfg = source_config(args.source, args.config, args.overrides)
     if args.print_config:
         _print_config(cfg)
         return 0
@@ -238,11 +240,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _heatmaps(args: argparse.Namespace) -> int:
-    cfg = probing.probe_config(args.source, args.config, args.overrides)
+    cfg = source_config(args.source, args.config, args.overrides)
     if args.print_config:
         _print_config(cfg)
         return 0
-    out = args.out or probing.default_out_dir(args.source, cfg).with_name("heatmaps")
+    out = args.out or default_out_dir(args.source, "probe", cfg.probe.out_dir).with_name("heatmaps")
     result = explaining.run_heatmaps(
         args.source,
         args.head,
@@ -263,7 +265,7 @@ def _heatmaps(args: argparse.Namespace) -> int:
 def _demo(cfg: Config) -> int:
     """Pretrain on the embedded data, export, and probe the backbone against random init."""
     result = pretraining.pretrain(cfg)
-    exported = pretraining.export(result.last_checkpoint)
+    exported = export_checkpoint(result.last_checkpoint)
     ckpt = str(result.last_checkpoint)
     trained = probing.probe(ckpt, cfg, result.run_dir / "probe", title="QB-Heat pretrained")
     random = probing.probe(
@@ -334,7 +336,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if args.head is not None:
             raise ConfigError("--head folds a probe head into a timm folder: add --format timm.")
-        print(f"heatssl: backbone written to {pretraining.export(args.checkpoint, args.out)}")
+        print(f"heatssl: backbone written to {export_checkpoint(args.checkpoint, args.out)}")
         return 0
     if args.command == "probe":
         return _probe(args)
@@ -343,7 +345,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "finetune":
         return _finetune(args)
     if args.command == "reconstruct":
-        out = args.out or Path(args.checkpoint).resolve().parent.parent / "reconstruction.png"
+        out = args.out or RunLayout.of_checkpoint(args.checkpoint).reconstruction
         path = explaining.run_reconstruction(args.checkpoint, out, args.split, args.num)
         print(f"heatssl: reconstruction figure written to {path}")
         return 0

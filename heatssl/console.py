@@ -1,4 +1,5 @@
-"""What the ``heatssl`` command prints: heatssl's own lines, without the libraries' chatter.
+"""What the ``heatssl`` command prints: heatssl's own lines, without the libraries' chatter, and
+numbers (times, sizes) as people say them.
 
 Lightning announces on every run which accelerators exist, a tip for another logging product, and
 the batch-count estimate it makes; it warns that a run folder heatssl itself just created "exists and
@@ -71,3 +72,22 @@ def one_line_warnings() -> None:
 
     one_line._heatssl = True  # type: ignore[attr-defined]
     warnings.formatwarning = one_line
+
+
+def duration(seconds: float) -> str:
+    """A time as people say it: ``42 s``, ``12 min``, ``3.5 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def byte_size(n: int | None) -> str:
+    """A size in bytes as people say it: ``3.2 kB``, ``39.3 GB`` (``?`` when unknown)."""
+    if n is None:
+        return "?"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"

@@ -27,8 +27,8 @@ from benchlib import machine
 
 from heatssl.explain.cam import METHODS, ProbedBackbone, heatmaps
 from heatssl.explain.inputs import dataset_images
-from heatssl.probing.head_files import load_linear_head
-from heatssl.train.run import backbone_from_checkpoint, load_checkpoint_config
+from heatssl.runs.head_files import load_linear_head
+from heatssl.runs.sources import backbone_from_checkpoint, checkpoint_config
 
 RUN = "bench_results/runs/default"
 
@@ -79,7 +79,7 @@ def deletion_auc(
 def main(argv: list[str] | None = None) -> int:
     """Run the deletion metric and the timing; print and save JSON."""
     args = parse_args(argv)
-    cfg = load_checkpoint_config(args.checkpoint)
+    cfg = checkpoint_config(args.checkpoint)
     backbone = backbone_from_checkpoint(args.checkpoint).eval()
     head, _ = load_linear_head(args.head)
     loaded, _, _ = dataset_images(cfg, "val", args.num)

@@ -31,7 +31,7 @@ from typing import Any
 from benchlib import machine
 
 from heatssl.config import load_config
-from heatssl.finetune.run import finetune
+from heatssl.finetuning.finetune import finetune
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,7 +42,7 @@ from heatssl.config import CONFIG_DIR, Config, load_config
 from heatssl.model.backbone import Backbone
 from heatssl.model.qbheat import QBHeat, reconstruction_loss
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
-from heatssl.train.build import build_qbheat
+from heatssl.runs.build import build_qbheat
 
 PARTS = ("encoder", "projection", "predictor", "heat_loss", "commutator", "decoder", "loss")
 BATCH = 2  # images per count (per-image figures divide by it; BatchNorm needs more than one)

@@ -31,8 +31,8 @@ import torch
 from benchlib import machine
 
 from heatssl.config import load_config
-from heatssl.finetune import run as finetuning
-from heatssl.train import run
+from heatssl.finetuning import finetune as finetuning
+from heatssl.train import pretrain as run
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
 

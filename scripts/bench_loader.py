@@ -42,7 +42,7 @@ CHILD = r"""
 import json, sys, time
 import torch
 from heatssl.config import load_config
-from heatssl.data.module import build_datamodule
+from heatssl.data.datamodule import build_datamodule
 from heatssl.data.throughput import loader_throughput
 args = json.loads(sys.argv[1])
 cfg = load_config("demo", args["overrides"])

@@ -41,10 +41,10 @@ import torch
 from benchlib import machine
 
 from heatssl.config import load_config
-from heatssl.data.module import build_datamodule
+from heatssl.data.datamodule import build_datamodule
 from heatssl.data.transforms import to_model_input
-from heatssl.train import run
-from heatssl.train.module import HeatPretrainModule
+from heatssl.train import pretrain as run
+from heatssl.train.pretrain_module import HeatPretrainModule
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

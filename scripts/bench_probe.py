@@ -29,9 +29,9 @@ import yaml
 from benchlib import machine
 
 from heatssl.config import load_config
-from heatssl.probing import run as probing
+from heatssl.probing import probe as probing
 from heatssl.probing.report import top1_table
-from heatssl.train import run
+from heatssl.train import pretrain as run
 
 VARIANTS: dict[str, list[str]] = {
     "default": [],

@@ -34,7 +34,7 @@ import torch
 from benchlib import machine, wait_with_rusage
 
 from heatssl.config import load_config
-from heatssl.train.build import build_backbone
+from heatssl.runs.build import build_backbone
 
 TARGET_GIB = 2.0
 

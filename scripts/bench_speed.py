@@ -54,7 +54,7 @@ from typing import Any
 import torch
 import yaml
 from benchlib import CpuLoad, machine, wait_with_rusage
-from torch import Tensor, nn
+from steplib import count_params, full_image_step_fn, qbheat_step_fn, summarize
 
 from heatssl.model.backbone import Backbone
 from heatssl.model.qbheat import QBHeat
@@ -103,66 +103,6 @@ MODELS: tuple[ModelSpec, ...] = (
     # Context: the same CNN where no dilation is needed (128 px -> 64 px block -> 2x2 at stride 32).
     ModelSpec("resnet18_128", "resnet18@128 (os32)", "resnet18", 128),
 )
-
-
-def make_optimizer(module: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (betas and weight decay as the project's defaults).
-
-    ``fused=True`` is what :mod:`heatssl.train.module` builds (``--unfused-adamw``: torch's default).
-    """
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True if fused else None
-    )
-
-
-def qbheat_step_fn(model: QBHeat, images: Tensor, fused: bool) -> Callable[[], float]:
-    """One QB-Heat training step: forward, backward, AdamW step, zero_grad; returns the loss."""
-    optimizer = make_optimizer(model, fused)
-
-    def step() -> float:
-        out = model(images)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
-
-    return step
-
-
-def full_image_step_fn(backbone: Backbone, images: Tensor, fused: bool) -> Callable[[], float]:
-    """One full-image step: backbone forward to the grid, trivial loss, backward, AdamW step."""
-    optimizer = make_optimizer(backbone, fused)
-
-    def step() -> float:
-        grid = backbone(images)
-        loss = grid.float().pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return step
-
-
-def count_params(module: nn.Module) -> int:
-    """Trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def summarize(times: list[float], batch: int) -> dict[str, float]:
-    """Median / mean step time and the img/s they give."""
-    median, mean = statistics.median(times), statistics.fmean(times)
-    return {
-        "steps": len(times),
-        "median_s": median,
-        "mean_s": mean,
-        "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "min_s": min(times),
-        "max_s": max(times),
-        "img_per_s_median": batch / median,
-        "img_per_s_mean": batch / mean,
-    }
 
 
 def bench_model(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
@@ -356,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unfused-adamw",
         dest="fused_adamw",
         action="store_false",
-        help="torch's default AdamW instead of fused=True (heatssl.train.module uses fused)",
+        help="torch's default AdamW instead of fused=True (heatssl.train.pretrain_module uses fused)",
     )
     p.add_argument(
         "--step",

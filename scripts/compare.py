@@ -41,11 +41,11 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from heatssl.config import Config, load_config
-from heatssl.model.export import export_backbone
 from heatssl.model.optim import clock_warmup_cosine
-from heatssl.probing import run as probing
-from heatssl.probing.report import markdown_table
-from heatssl.train.pictures import new_figure, save_figure
+from heatssl.probing import probe as probing
+from heatssl.runs.exports import export_backbone
+from heatssl.runs.figures import new_figure, save_figure
+from heatssl.runs.markdown import markdown_table
 
 METHODS = ("heatssl", "simclr", "mocov2", "mae", "heatssl_vit", "random")
 FAMILY = {

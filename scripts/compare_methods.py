@@ -17,7 +17,7 @@ from heatssl.config import Config
 from heatssl.data.transforms import build_transform, to_model_input
 from heatssl.model.backbone import Backbone
 from heatssl.model.optim import scaled_lr, weight_decay_groups
-from heatssl.train.build import build_backbone, build_qbheat
+from heatssl.runs.build import build_backbone, build_qbheat
 
 
 class Method(nn.Module):

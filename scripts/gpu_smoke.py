@@ -31,9 +31,9 @@ import torch
 from benchlib import machine
 
 from heatssl.config import Config, load_config
-from heatssl.explain import run as explaining
-from heatssl.probing import run as probing
-from heatssl.train import run as pretraining
+from heatssl.explain import maps as explaining
+from heatssl.probing import probe as probing
+from heatssl.train import pretrain as pretraining
 
 
 class StepTimer(L.Callback):

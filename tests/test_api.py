@@ -39,16 +39,18 @@ def test_readme_heat_loss_block_runs_in_other_ssl_code():
 
 
 def test_readme_run_blocks_work_on_a_demo_run(tmp_path, monkeypatch):
+    """The pipeline block as written (pretrain, probe, timm export, fine-tuning, heat maps), on the
+    demo recipe made tiny, then plain timm on a safetensors export."""
     monkeypatch.chdir(tmp_path)  # the README's paths are relative: runs/demo/...
-    assert main(["demo", *tiny_settings("runs/demo")]) == 0
+    real = heatssl.load_config
+    tiny = [*tiny_settings("runs/demo"), "probe.kinds=[linear]", "probe.epochs=2"]
+    monkeypatch.setattr(heatssl, "load_config", lambda name: real(name, tiny))
     scope = {"images": torch.randn(2, 3, 32, 32)}
-    exec(_block("heatmaps(backbone, head, images"), scope)
-    assert scope["result"].maps.shape == (2, 32, 32)
-    assert len(scope["class_names"]) == 10
-    assert (
-        main(["export", "runs/demo/checkpoints/last.ckpt", "-o", "resnet18_qbheat.safetensors"])
-        == 0
-    )
+    exec(_block("finetune(ckpt"), scope)
+    assert scope["maps"].maps.shape == (2, 32, 32) and len(scope["class_names"]) == 10
+    assert (tmp_path / "runs/demo/backbone_timm/model.safetensors").is_file()
+    assert (tmp_path / "runs/demo/finetune/metrics.json").is_file()
+    assert main(["export", scope["ckpt"], "-o", "backbone.safetensors"]) == 0
     scope = {}
     exec(_block("read_export_metadata("), scope)  # plain timm, with the stored arguments
     assert scope["meta"]["model_name"] == "test_resnet"
@@ -62,8 +64,8 @@ def test_importing_heatssl_loads_no_run_machinery_and_sets_no_plot_backend():
         "import heatssl\n"
         "from heatssl import HeatLoss, QBHeat, load_config\n"
         "print(sorted(m for m in ('lightning', 'pytorch_grad_cam') if m in sys.modules))\n"
-        "import heatssl.cli, heatssl.explain.run\n"
-        "from heatssl.train.pictures import new_figure\n"
+        "import heatssl.cli, heatssl.explain.maps\n"
+        "from heatssl.runs.figures import new_figure\n"
         "import matplotlib.pyplot as plt\n"
         "new_figure(2, 2).subplots(1, 1).plot([0, 1])\n"
         "print(plt.get_fignums())\n"

@@ -8,7 +8,7 @@ import yaml
 
 from heatssl.cli import main
 from heatssl.model.heads import LinearHead
-from heatssl.probing.head_files import save_head
+from heatssl.runs.head_files import save_head
 from tests.helpers import tiny_settings
 
 

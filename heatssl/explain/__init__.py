@@ -1,7 +1,7 @@
-"""Where a probed backbone looks, and what QB-Heat predicts: CAMs, figures and their runs.
+"""Where a probed backbone looks, and what QB-Heat predicts: one of the four stages.
 
 Owns the exact CAM and the grad-cam methods (:mod:`.cam`), heat-map inputs from files or a data split
-(:mod:`.inputs`), overlays and contact sheets (:mod:`.figures`) and the heat-map and reconstruction
-runs (:mod:`.run`). It may import every layer below it (model, data, train, probing); only the CLI
-imports it.
+(:mod:`.inputs`), overlays and contact sheets (:mod:`.overlays`) and the heat-map and reconstruction
+runs (:mod:`.maps`). Backbones, heads and the reconstruction sheet come from :mod:`heatssl.runs`; it
+imports no other stage.
 """

@@ -15,8 +15,8 @@ from PIL import Image
 from torch import Tensor
 
 from heatssl.config import Config
+from heatssl.data.datamodule import build_datamodule
 from heatssl.data.images import IMAGE_SUFFIXES, read_image, to_rgb, warn_unreadable
-from heatssl.data.module import build_datamodule
 from heatssl.data.transforms import normalize, to_model_input
 from heatssl.errors import BadImageError, UnreadableImageError
 

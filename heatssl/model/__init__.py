@@ -1,9 +1,9 @@
-"""The physics and the network, in pure torch and timm: no Lightning, no files but exports.
+"""The physics and the network, in pure torch and timm: no Lightning, no files.
 
 Owns the quadrants of an image or grid (:mod:`.quadrants`), the heat operators, step rules and
 predictors (:mod:`.heat`), the heat residual loss (:mod:`.heat_loss`), the one adapter to timm
-(:mod:`.backbone`) and the export of its weights (:mod:`.export`), the pixel decoder (:mod:`.decoder`),
+(:mod:`.backbone`), the pixel decoder (:mod:`.decoder`),
 the QB-Heat objective (:mod:`.qbheat`), the probe heads (:mod:`.heads`) and the optimisation rules
-(:mod:`.optim`). It may import torch, timm, safetensors and :mod:`heatssl.errors`, nothing else of
+(:mod:`.optim`). It may import torch, timm and :mod:`heatssl.errors`, nothing else of
 heatssl: every other layer builds on it.
 """

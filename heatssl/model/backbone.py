@@ -3,7 +3,7 @@
 Everything goes through timm's public API (``create_model``, ``feature_info``,
 ``forward_intermediates``), so CNNs and ViTs look the same to the rest of heatssl: an image batch in,
 a (N, d, h, w) grid of the chosen stage out. Errors name this module's own arguments (``stage=7``);
-:mod:`heatssl.train.build` re-words them with config keys.
+:mod:`heatssl.runs.build` re-words them with config keys.
 """
 
 from __future__ import annotations

@@ -81,14 +81,19 @@ class HeatOperators(nn.Module):
 
     Args:
         dim: Feature dimension d.
-        step: ``euler``: ``z + A z``; ``normalized``: ``z + s A norm(z)`` (FINOLA-style, norm =
-            per-vector standardisation over channels, ``s`` = the image's :func:`feature_scale`).
+        step: ``normalized`` (default, the rule every recipe uses, chosen by the ablation):
+            ``z + s A norm(z)`` (FINOLA-style, norm = per-vector standardisation over channels,
+            ``s`` = the image's :func:`feature_scale`); ``euler``: ``z + A z``.
         init: ``zeros`` (pure copy outwards at the start) or ``random`` (small Gaussian).
         trainable: False freezes A and B (with ``init="zeros"`` this is plain copying outward).
     """
 
     def __init__(
-        self, dim: int, step: StepRule = "euler", init: InitRule = "zeros", trainable: bool = True
+        self,
+        dim: int,
+        step: StepRule = "normalized",
+        init: InitRule = "zeros",
+        trainable: bool = True,
     ) -> None:
         super().__init__()
         check_choice("step", step, StepRule)
@@ -132,7 +137,11 @@ class HeatPredictor(nn.Module):
     """
 
     def __init__(
-        self, dim: int, step: StepRule = "euler", init: InitRule = "zeros", trainable: bool = True
+        self,
+        dim: int,
+        step: StepRule = "normalized",
+        init: InitRule = "zeros",
+        trainable: bool = True,
     ) -> None:
         super().__init__()
         self.operators = HeatOperators(dim, step=step, init=init, trainable=trainable)
@@ -204,7 +213,7 @@ class MaskTokenPredictor(nn.Module):
 
 
 def build_predictor(
-    kind: PredictorKind, dim: int, step: StepRule = "euler", init: InitRule = "zeros"
+    kind: PredictorKind, dim: int, step: StepRule = "normalized", init: InitRule = "zeros"
 ) -> nn.Module:
     """The predictor of the masked quadrants: ``heat``, ``copy`` (A = B = 0, frozen) or ``mask_token``."""
     check_choice("predictor", kind, PredictorKind)

@@ -35,7 +35,7 @@ class HeatLoss(nn.Module):
         dim: Feature dimension; creates its own operators when ``operators`` is not given.
         operators: Share A and B with a :class:`~heatssl.model.heat.HeatPredictor`
             (``predictor.operators``).
-        step: Step rule for operators it creates.
+        step: Step rule for operators it creates (default ``normalized``, the recipes' rule).
         eps: Added to the numerator and the denominator (a constant map scores 1).
         sync_distributed: In training mode under torch.distributed (DDP), average the numerator
             and the denominator over all processes before dividing, so the ratio is the one of the
@@ -51,7 +51,7 @@ class HeatLoss(nn.Module):
         self,
         dim: int | None = None,
         operators: HeatOperators | None = None,
-        step: StepRule = "euler",
+        step: StepRule = "normalized",
         eps: float = 1e-8,
         sync_distributed: bool = True,
     ) -> None:

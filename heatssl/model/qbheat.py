@@ -1,7 +1,7 @@
 """QB-Heat as one plain nn.Module: quarter crop -> encode -> extrapolate -> decode -> losses.
 
 No Lightning here, so the objective can be stepped, timed and tested on its own; the LightningModule in
-:mod:`heatssl.train.module` only adds the optimiser, the schedule and logging.
+:mod:`heatssl.train.pretrain_module` only adds the optimiser, the schedule and logging.
 """
 
 from __future__ import annotations
@@ -193,3 +193,32 @@ class QBHeat(nn.Module):
             commute = self.heat_loss.operators.commutator(self.commute_probes)
             loss = loss + self.commute_weight * commute
         return QBHeatOutput(loss, rec, heat, commute, pred, q, block)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The masked-region mask (N, 1, H, W) and the reconstruction, in ``images``' space.
+
+        Eval mode, the quadrants cycling through all four over the batch, and the eager forward
+        even when the module is compiled (a picture's batch would compile a second graph). With
+        norm_pix the decoder predicts standardised patches; they are shown with the true patches'
+        mean and std, as MAE does.
+        """
+        was_training = self.training
+        self.eval()
+        q = torch.arange(images.shape[0], device=images.device) % 4
+        try:
+            out = self.forward(images, quadrant=q)
+        finally:
+            self.train(was_training)
+        pred = out.pred.float()
+        if self.norm_pix:
+            _, mean, std = patch_normalize(images.float(), self.backbone.reduction)
+            pred = pred * std + mean
+        return quadrant_mask(q, images.shape[-2], images.shape[-1]), pred
+
+    @property
+    def reconstruction_note(self) -> str:
+        """What a reconstruction shows (norm-pix predictions need the input's patch stats)."""
+        if self.norm_pix:
+            return "norm-pix: predicted patches shown with the input's patch mean and std"
+        return "predicted pixels"

@@ -1,8 +1,8 @@
-"""Evaluation of a frozen backbone: features extracted once, linear / tran-1 / kNN probes, reports.
+"""Evaluation of a frozen backbone, one of the four stages: features once, linear / tran-1 / kNN.
 
-Owns the feature cache (:mod:`.features`) and the on-disk grids tran-1 reads (:mod:`.grid_store`),
-training and scoring the probes (:mod:`.probes`), probe
-heads on disk (:mod:`.head_files`), markdown tables of metrics (:mod:`.report`) and the probe run that
-resolves a backbone from a checkpoint, an export or a timm name (:mod:`.run`). It may import
-:mod:`heatssl.train` (to read checkpoints) and everything below it, never :mod:`heatssl.explain`.
+Owns the probe run (:mod:`.probe`) and its cost said first (:mod:`.plan`), the feature cache
+(:mod:`.features`) and the on-disk grids tran-1 reads (:mod:`.grid_store`), training and scoring the
+probes (:mod:`.probes`), the t-SNE map (:mod:`.embedding`) and the metrics tables (:mod:`.report`).
+Backbones come from :mod:`heatssl.runs.sources`, heads go to :mod:`heatssl.runs.head_files`; it
+imports no other stage.
 """

@@ -4,7 +4,7 @@ The picture one looks at first: do the classes of the frozen features form separ
 pooled val features are subsampled class-balanced (seeded) to at most ``max_points`` (t-SNE's cost
 grows with the points), standardised, reduced to at most 50 dimensions with PCA (the usual practice
 before t-SNE) and embedded with scikit-learn's t-SNE (PCA initialisation, fixed seed). The scatter is
-drawn with matplotlib's object API on its own canvas (:mod:`heatssl.train.pictures`).
+drawn with matplotlib's object API on its own canvas (:mod:`heatssl.runs.figures`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from matplotlib import colormaps
 
 from heatssl.errors import ArgumentError
-from heatssl.train.pictures import new_figure, save_figure
+from heatssl.runs.figures import new_figure, save_figure
 
 MIN_POINTS = 5  # fewer and t-SNE has nothing to show (and its perplexity would be below 1)
 PCA_DIMS = 50

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from heatssl.config import ProbeConfig
+from heatssl.console import byte_size, duration
 from heatssl.errors import ConfigError
 from heatssl.model.heads import LinearHead, Tran1Head
 
@@ -48,37 +49,20 @@ class ProbePlan:
         n = self.train_images + self.val_images
         parts = [
             f"extract {self.train_images:,} train + {self.val_images:,} val images ({h}x{w}x{d} "
-            f"grid) in about {_duration(self.extract_seconds)}",
-            f"pooled features {_size(self.pooled_bytes)} in memory",
+            f"grid) in about {duration(self.extract_seconds)}",
+            f"pooled features {byte_size(self.pooled_bytes)} in memory",
         ]
         if self.linear_seconds:
-            parts.append(f"linear probe about {_duration(self.linear_seconds)}")
+            parts.append(f"linear probe about {duration(self.linear_seconds)}")
         if self.grid_dir is not None:
-            free = f", {_size(self.free_bytes)} free" if self.free_bytes is not None else ""
+            free = f", {byte_size(self.free_bytes)} free" if self.free_bytes is not None else ""
             parts.append(
                 f"tran-1 on {self.grid_train_images:,} train images about "
-                f"{_duration(self.tran1_seconds)}, its grids {_size(self.grid_bytes)} in "
+                f"{duration(self.tran1_seconds)}, its grids {byte_size(self.grid_bytes)} in "
                 f"{self.grid_dir}{free}"
             )
         rate = n / self.extract_seconds if self.extract_seconds else float("inf")
         return f"probe plan: {'; '.join(parts)} (backbone timed at {rate:,.0f} images/s)"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 1e3:.1f} kB"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def grid_folder(setting: str | None, out: Path) -> Path:
@@ -181,9 +165,9 @@ def plan_probe(
         per_row = d * h * w * 2
         fits = max(0, (free - val_images * per_row) // per_row)
         raise ConfigError(
-            f"tran-1's feature grids need {_size(grid_bytes)} ({grid_train_images:,} train + "
+            f"tran-1's feature grids need {byte_size(grid_bytes)} ({grid_train_images:,} train + "
             f"{val_images:,} val images of {h}x{w}x{d} in float16) in {grid_dir.parent}, which has "
-            f"{_size(free)} free. Set probe.grid_dir to a folder with room (probe.grid_dir=tmp "
+            f"{byte_size(free)} free. Set probe.grid_dir to a folder with room (probe.grid_dir=tmp "
             f"for node-local scratch), probe.tran1_max_images={int(fits)} (what fits), or leave "
             f"tran1 out of probe.kinds."
         )

@@ -1,19 +1,11 @@
-"""Probe results as markdown tables: one builder for the probe folder, the demo and the benchmarks."""
+"""Probe results as markdown tables: a probe folder's ``metrics.md``, the demo's summary."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table (no trailing newline); cells are written with ``str``."""
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
-    ]
-    return "\n".join(lines)
+from heatssl.runs.markdown import markdown_table
 
 
 def metrics_markdown(metrics: dict[str, Any], title: str) -> str:

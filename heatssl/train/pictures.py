@@ -1,70 +1,74 @@
-"""Pictures of pretraining: the input / kept quarter / reconstruction sheet, and figure helpers.
+"""Pretraining's pictures: what QB-Heat reconstructs from the first training images, every few epochs.
 
-Figures are built with matplotlib's object API on an Agg canvas of their own, so importing heatssl
-never selects a backend or touches pyplot's global state.
+Drawn by process 0 into ``RUN/pictures/`` and sent to the logger (TensorBoard, Weights & Biases).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+import lightning as L
+from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import Tensor
 
+from heatssl.runs.figures import figure_to_tensor, reconstruction_sheet, save_figure
 
-def new_figure(width: float, height: float) -> Figure:
-    """A figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot, no backend)."""
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
+PICTURE_IMAGES = 8  # columns of a reconstruction picture
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Save ``fig`` as PNG, creating folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+def log_picture(logger: Logger, key: str, image: Tensor, step: int) -> bool:
+    """Send an RGB uint8 ``(3, H, W)`` picture to ``logger`` as an image, in the form it takes.
 
-
-def figure_to_tensor(fig: Figure) -> Tensor:
-    """RGB uint8 tensor (3, H, W) of a rendered figure, for loggers that take images."""
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    rgba = torch.frombuffer(bytearray(canvas.buffer_rgba()), dtype=torch.uint8)
-    w, h = canvas.get_width_height()
-    return rgba.view(h, w, 4)[..., :3].permute(2, 0, 1).clone()
-
-
-def _to_hwc(image: Tensor) -> Tensor:
-    return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu()
-
-
-def reconstruction_figure(images: Tensor, mask: Tensor, recon: Tensor, title: str = "") -> Figure:
-    """A figure with one column per image; rows: input, kept quarter (rest grey), reconstruction.
-
-    Args:
-        images: Input images in [0, 1], (N, 3, H, W).
-        mask: 1 where masked, (N, 1, H, W).
-        recon: Reconstructions in [0, 1], (N, 3, H, W).
-        title: Figure title.
+    Weights & Biases takes a list of images; TensorBoard (and any logger whose experiment has
+    ``add_image``) one CHW tensor. Returns whether the logger took it (CSV has no images).
     """
-    n = images.shape[0]
-    fig = new_figure(1.3 * n + 0.9, 4.2)
-    axes = fig.subplots(3, n, squeeze=False)
-    kept = images * (1 - mask) + 0.5 * mask
-    for row, (batch, name) in enumerate(
-        ((images, "input"), (kept, "kept quarter"), (recon, "reconstruction"))
-    ):
-        for i in range(n):
-            ax = axes[row, i]
-            ax.imshow(_to_hwc(batch[i]), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[row, 0].set_ylabel(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key=key, images=[image.permute(1, 2, 0).numpy()], step=step)
+        return True
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_image"):
+        experiment.add_image(key, image, step)
+        return True
+    return False
+
+
+class ReconstructionPictures(L.Callback):
+    """Draws what QB-Heat reconstructs from the first training images, every ``every_n_epochs``.
+
+    The first batch's first images are kept and redrawn (quadrants cycling over the columns) at the
+    end of every ``every_n_epochs``-th epoch and of the last one, by process 0 only. ``0`` turns the
+    pictures off. The module must hold its QB-Heat as ``qbheat`` (as
+    :class:`~heatssl.train.pretrain_module.HeatPretrainModule` does).
+    """
+
+    def __init__(
+        self, folder: str | Path, every_n_epochs: int, images: int = PICTURE_IMAGES
+    ) -> None:
+        self.folder, self.every, self.images = Path(folder), every_n_epochs, images
+        self._batch: Tensor | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Keep the first batch's first images (once per run)."""
+        if self._batch is None and self.every > 0:
+            self._batch = batch[0][: self.images].detach().clone()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = epoch == trainer.max_epochs
+        if self._batch is None or (epoch % self.every and not last):
+            return
+        if trainer.is_global_zero:
+            self.draw(pl_module, epoch)
+
+    def draw(self, pl_module: Any, epoch: int) -> Path:
+        """Write the reconstruction sheet for ``epoch`` to the folder and to the logger."""
+        fig = reconstruction_sheet(pl_module.qbheat, self._batch, f"QB-Heat, epoch {epoch}")
+        loggers = getattr(pl_module, "loggers", None) or []
+        if loggers:
+            image = figure_to_tensor(fig)
+            for logger in loggers:
+                log_picture(logger, "reconstruction", image, pl_module.global_step)
+        return save_figure(fig, self.folder / f"reconstruction_epoch{epoch:03d}.png")

@@ -6,10 +6,10 @@ from PIL import Image
 
 from heatssl.cli import main
 from heatssl.config import ConfigError, DataConfig, load_config
-from heatssl.data.module import build_datamodule
+from heatssl.data.datamodule import build_datamodule
 from heatssl.errors import BadImageError
-from heatssl.probing.run import probe
-from heatssl.train import run
+from heatssl.probing.probe import probe
+from heatssl.train import pretrain as run
 from tests.helpers import ODD_READABLE, UNREADABLE, tiny_settings, write_odd_and_bad_images
 
 

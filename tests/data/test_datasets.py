@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from heatssl.config import DataConfig
-from heatssl.data.module import build_datamodule
+from heatssl.data.datamodule import build_datamodule
 from heatssl.errors import ConfigError
 from tests.data.checks import check_batch
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from heatssl.config import DataConfig, load_config
+from heatssl.data.datamodule import build_datamodule
 from heatssl.data.datasets import ArrayImageDataset, ImageFiles
 from heatssl.data.labels import (
     LABEL_SUBSET_FILE,
@@ -22,7 +23,6 @@ from heatssl.data.labels import (
     save_label_subset,
     take,
 )
-from heatssl.data.module import build_datamodule
 from heatssl.errors import ArgumentError, ConfigError
 
 UNEVEN = [0] * 100 + [1] * 40 + [2] * 7 + [3] * 1  # in blocks: index ranges tell the class

@@ -10,7 +10,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from heatssl.config import load_config
 from heatssl.errors import ArgumentError, ConfigError
-from heatssl.probing import run as probing
+from heatssl.probing import probe as probing
 from heatssl.probing.embedding import balanced_subsample, write_embedding
 from tests.probing.synthetic import clusters
 

@@ -6,7 +6,7 @@ import torch
 
 from heatssl.config import load_config
 from heatssl.data.labels import LABEL_SUBSET_FILE, read_label_subset
-from heatssl.probing import run as probing
+from heatssl.probing import probe as probing
 
 FAST_PROBE = ["probe.epochs=3", "probe.tran1_epochs=1", "probe.batch_size=16"]
 

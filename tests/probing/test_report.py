@@ -1,6 +1,7 @@
 """Tests for heatssl.probing.report: the markdown tables of probe metrics."""
 
-from heatssl.probing.report import markdown_table, metrics_markdown, top1_table
+from heatssl.probing.report import metrics_markdown, top1_table
+from heatssl.runs.markdown import markdown_table
 
 
 def test_metrics_markdown_row_per_probe():

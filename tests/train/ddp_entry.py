@@ -10,10 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-import heatssl.train.callbacks
-import heatssl.train.run
+import heatssl.train.pictures
+import heatssl.train.pretrain
 from heatssl.cli import main
-from heatssl.train.checkpoint import AtomicCheckpointIO
+from heatssl.runs.trainer import AtomicCheckpointIO
 
 
 def _record(fn, path_arg: int):
@@ -29,8 +29,8 @@ def _record(fn, path_arg: int):
 
 
 AtomicCheckpointIO.save_checkpoint = _record(AtomicCheckpointIO.save_checkpoint, 2)
-heatssl.train.callbacks.save_figure = _record(heatssl.train.callbacks.save_figure, 1)
-heatssl.train.run.save_config = _record(heatssl.train.run.save_config, 1)
+heatssl.train.pictures.save_figure = _record(heatssl.train.pictures.save_figure, 1)
+heatssl.train.pretrain.save_config = _record(heatssl.train.pretrain.save_config, 1)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Tests for heatssl.train.callbacks: reconstruction pictures at the right epochs, from rank 0 only."""
+"""Tests for heatssl.runs.callbacks: reconstruction pictures at the right epochs, from rank 0 only."""
 
 from types import SimpleNamespace
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from heatssl.config import load_config
-from heatssl.train.callbacks import ReconstructionPictures
-from heatssl.train.module import HeatPretrainModule
+from heatssl.train.pictures import ReconstructionPictures
+from heatssl.train.pretrain_module import HeatPretrainModule
 
 
 @pytest.mark.parametrize(

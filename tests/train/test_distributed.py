@@ -16,7 +16,7 @@ import torch
 
 from heatssl.cli import main
 from heatssl.config import CONFIG_DIR, load_config
-from heatssl.train.build import build_backbone
+from heatssl.runs.build import build_backbone
 from tests.helpers import same_on_every_rank
 
 ENTRY = Path(__file__).with_name("ddp_entry.py")
