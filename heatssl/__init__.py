@@ -28,6 +28,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from heatssl.requirements import check_versions
+
+check_versions()  # before anything reads a file: older torch / timm can run code from one
+
 from heatssl.config import Config, load_config
 from heatssl.errors import (
     ArgumentError,

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --format timm: a linear_head.safetensors from `heatssl probe`, folded into "
         "timm's classifier (default: no classifier, a feature extractor)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --format timm: write into a folder heatssl did not write (its config.json, "
+        "model.safetensors and README.md are replaced; other files stay)",
+    )
 
     p = sub.add_parser(
         "probe",
@@ -328,7 +334,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     """Run the chosen subcommand."""
     if args.command == "export":
         if args.format == "timm":
-            folder = export_timm(args.checkpoint, args.out, args.head)
+            folder = export_timm(args.checkpoint, args.out, args.head, force=args.force)
             print(
                 f"heatssl: timm folder written to {folder}; load it with "
                 f"timm.create_model('local-dir:{folder}', pretrained=True)"

@@ -25,19 +25,18 @@ from typing import Any
 
 import yaml
 
+from heatssl.config_runs import FinetuneConfig, ProbeConfig, TrainerConfig
 from heatssl.config_sections import (
     DataConfig,
     DecoderConfig,
-    FinetuneConfig,
     HeatConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
-    ProbeConfig,
-    TrainerConfig,
 )
-from heatssl.config_types import merge, parse_override, plain
+from heatssl.config_types import check_bounded, load_yaml, merge, parse_override, plain
 from heatssl.errors import ArgumentError, ConfigError, rename_arguments
+from heatssl.writing import write_text
 
 __all__ = [
     "CONFIG_DIR",
@@ -83,6 +82,26 @@ class Config:
 
     def validate(self) -> None:
         """Every section checks itself; sizes that need the model are checked when it is built."""
+        if not self.run_dir.strip():
+            raise ConfigError(
+                f"run_dir={self.run_dir!r} names no folder: the run would write into the current "
+                f"one. Set run_dir=runs/NAME."
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed={self.seed} must be in [0, 2**32): a whole number >= 0.")
+        paths = {
+            "run_dir": self.run_dir,
+            "data.root": self.data.root,
+            "probe.out_dir": self.probe.out_dir,
+            "probe.grid_dir": self.probe.grid_dir,
+            "finetune.out_dir": self.finetune.out_dir,
+        }
+        for key, value in paths.items():
+            if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise ConfigError(
+                    f"{key}={value!r} holds a control character (a terminal escape, a line break): "
+                    f"not a path to write or read. Type the path again."
+                )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
@@ -127,7 +146,13 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 def _read_yaml(path: Path) -> dict[str, Any]:
     """The mapping in a YAML file; a syntax error names the file, line and column."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}): save it as UTF-8."
+        ) from err
+    try:
+        data = load_yaml(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -145,6 +170,7 @@ def load_config(
     cfg = Config()
     if source is not None:
         data = source if isinstance(source, dict) else _read_yaml(resolve_config_path(source))
+        check_bounded(data, "the config" if isinstance(source, dict) else str(source))
         merge(cfg, data)
     for text in overrides or []:
         merge(cfg, parse_override(text))
@@ -154,7 +180,4 @@ def load_config(
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (reloadable with :func:`load_config`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return path
+    return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -18,6 +18,55 @@ import yaml
 
 from heatssl.errors import ConfigError
 
+MAX_VALUES = 100_000
+"""Values (leaves and containers) a config may hold: far above any recipe, far below exhaustion."""
+MAX_DEPTH = 32
+"""Levels of nesting a config may have."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases (``*name``): a few nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"found the alias *{event.anchor}: YAML aliases are not allowed in heatssl configs "
+                f"(a few nested ones expand to gigabytes); write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML with the safe loader, refusing aliases (see :class:`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: builds plain values only
+
+
+def check_bounded(data: Any, where: str) -> None:
+    """Refuse a structure of over :data:`MAX_VALUES` values or :data:`MAX_DEPTH` levels before
+    anything copies it: shared references (a pickle's, YAML's) would expand on the first copy."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            what = (
+                f"over {MAX_VALUES:,} values" if count > MAX_VALUES else f"over {MAX_DEPTH} levels"
+            )
+            raise ConfigError(
+                f"{where} is too large or too deep for a config ({what}); a recipe holds a few "
+                f"hundred values. The file was built to exhaust memory, or is not a config."
+            )
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value)
+        elif isinstance(value, list | tuple):
+            stack.extend((v, depth + 1) for v in value)
+
 
 def plain(value: Any) -> Any:
     """``value`` with tuples turned into lists, recursively (YAML- and checkpoint-safe builtins)."""
@@ -131,7 +180,15 @@ def parse_override(text: str) -> dict[str, Any]:
             f"Override '{text}' is not of the form key=value (for example trainer.max_epochs=5)."
         )
     key, raw = text.split("=", 1)
-    out: Any = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        out: Any = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"Override '{text}': its value is not valid YAML ({problem}). Quote it, e.g. "
+            f"'{key}=\"...\"', or write a list as [a, b]."
+        ) from err
+    check_bounded(out, f"Override '{key}'")
     for part in reversed(key.strip().split(".")):
         out = {part: out}
     return out

@@ -134,6 +134,7 @@ class DaliLoader:
         on_bad: str = "skip",
         fill: bool = True,
         prefetch: int = 2,
+        max_pixels: int | None = None,
     ) -> None:
         require_dali()
         if image_size <= 0 or batch_size <= 0 or num_threads <= 0 or prefetch <= 0:
@@ -153,6 +154,7 @@ class DaliLoader:
         self.device_id, self.seed = device_id, seed
         self.crop_scale_min, self.on_bad, self.fill = crop_scale_min, on_bad, fill
         self.prefetch = prefetch
+        self.max_pixels = max_pixels
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         self._feed = _Feed()
         self._pipe: Any = None  # built on the first pass
@@ -276,7 +278,7 @@ class DaliLoader:
         unreadable = []
         for path in suspects:
             try:
-                read_image(path)
+                read_image(path, max_pixels=self.max_pixels)
             except UnreadableImageError as bad:
                 unreadable.append(str(bad))
         if unreadable:
@@ -307,6 +309,7 @@ class DaliLoader:
             self.fill,
             threads=self.num_workers,
             depth=self.prefetch + 1,
+            max_pixels=self.max_pixels,
         )
         feed.start(reader)
         self._unfinished = True

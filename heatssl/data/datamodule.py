@@ -46,6 +46,7 @@ class HeatDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         cfg.validate()  # the section's own check: a DataConfig built in Python skips load_config
+        check_fits_machine(cfg)
         self.cfg = cfg
         self.seed = seed
         self.labelled = labelled
@@ -134,7 +135,14 @@ class HeatDataModule(L.LightningDataModule):
         """Restored by ``--resume`` before the loaders exist; the train loader starts there."""
         self._resume = dict(state_dict) if state_dict else None
 
-    def _check_resume(self, saved: dict[str, int], images: int, world: int) -> None:
+    def check_resume(self, saved: dict[str, int], world: int) -> None:
+        """Before the run starts: refuse a checkpoint whose mid-epoch position cannot be found in
+        these images over ``world`` processes (see :meth:`_check_resume`)."""
+        self._check_resume(saved, len(self.train_dataset), world, quiet=True)
+
+    def _check_resume(
+        self, saved: dict[str, int], images: int, world: int, quiet: bool = False
+    ) -> None:
         """Refuse a mid-epoch resume whose order changed; at an epoch start, say what changed.
 
         The rest of an epoch is found by skipping the batches already trained on in the (seed,
@@ -164,7 +172,7 @@ class HeatDataModule(L.LightningDataModule):
                 f"(--resume RUN/checkpoints/epochNNN.ckpt), or with the same data, batch size and "
                 f"number of processes."
             )
-        if self.trainer is None or self.trainer.is_global_zero:
+        if not quiet and (self.trainer is None or self.trainer.is_global_zero):
             print(
                 f"heatssl: resuming at the start of epoch {saved['epoch']} with changed data "
                 f"({what}): the coming epochs use the new order, and the learning-rate schedule "
@@ -275,6 +283,7 @@ class HeatDataModule(L.LightningDataModule):
             crop_scale_min=cfg.crop_scale_min,
             on_bad=cfg.on_bad_image,
             fill=getattr(dataset, "fill", train),
+            max_pixels=cfg.max_image_pixels,
         )
 
     def _dali_device_id(self) -> int | None:
@@ -309,6 +318,47 @@ def cores_per_process(local_processes: int = 1) -> int:
     if per_task.isdigit() and cores <= int(per_task):
         return cores
     return max(1, cores // max(1, local_processes))
+
+
+WORKERS_PER_CORE = 4
+"""More loader processes than this per core only compete for the cores (and each holds memory)."""
+MEMORY_SHARE = 4
+"""A batch (as the model's float32 input) may take at most 1 / this of the machine's memory."""
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf: assume a small machine
+        return 8 * 1024**3
+
+
+def check_fits_machine(cfg: DataConfig) -> None:
+    """Refuse loader settings this machine cannot hold, naming the largest value that fits."""
+    cores = os.cpu_count() or 1
+    most = WORKERS_PER_CORE * cores
+    if cfg.num_workers != "auto" and cfg.num_workers > most:
+        raise ConfigError(
+            f"data.num_workers={cfg.num_workers}: this machine has {cores} CPU cores, and more "
+            f"than {WORKERS_PER_CORE} loader processes a core only compete for them: at most "
+            f"{most}. Use data.num_workers=auto ({auto_workers()} here) or a number up to {most}."
+        )
+    budget = _memory_bytes() / MEMORY_SHARE
+    per_image = 3 * cfg.image_size**2 * 4  # one image as the model's float32 input
+    gib = _memory_bytes() / 1024**3
+    if per_image > budget:
+        side = int((budget / 12) ** 0.5)
+        raise ConfigError(
+            f"data.image_size={cfg.image_size}: one image takes {per_image / 1024**3:.1f} GiB as "
+            f"the model's input and this machine has {gib:.1f} GiB of memory: at most "
+            f"data.image_size={side}."
+        )
+    if cfg.batch_size * per_image > budget:
+        raise ConfigError(
+            f"data.batch_size={cfg.batch_size}: a batch of {cfg.image_size} px images takes "
+            f"{cfg.batch_size * per_image / 1024**3:.1f} GiB as the model's input and this "
+            f"machine has {gib:.1f} GiB of memory: at most data.batch_size={int(budget // per_image)}."
+        )
 
 
 KEPT_CORES = 2

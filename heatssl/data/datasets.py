@@ -22,11 +22,10 @@ from torchvision.datasets import CIFAR10, STL10
 
 from heatssl.config import DataConfig
 from heatssl.data.file_index import class_folder_index
-from heatssl.data.images import read_image, to_rgb
+from heatssl.data.images import MAX_IMAGE_PIXELS, read_image, to_rgb
 from heatssl.errors import BadImageError, ConfigError, UnreadableImageError
 
 SYNTHETIC_DATA_SEED = 1234  # fixed: the synthetic images never change (the split: data.split_seed)
-MAX_CONSECUTIVE_BAD = 64  # a training sample walks this far for a readable file, then gives up
 PRECHECK_IMAGES = 32  # files read at setup: none readable -> stop before any training
 IMAGEFOLDER_LAYOUT = "<root>/train/<class>/*.jpg and optionally <root>/val/<class>/*.jpg"
 FILE_INDEX_DIR = "file_index"  # in a run folder: the image folders' file lists, scanned once
@@ -84,25 +83,29 @@ class ImageFiles(Dataset):
         transform: Any,
         on_bad: str = "skip",
         fill: bool = True,
+        max_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.on_bad = on_bad
         self.fill = fill
+        self.max_pixels = max_pixels  # larger images are unreadable files (data.max_image_pixels)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def read(self, index: int) -> Image.Image:
         """The RGB image of sample ``index``; :class:`UnreadableImageError` if it cannot be decoded."""
-        return read_image(self.samples[index][0])
+        return read_image(self.samples[index][0], max_pixels=self.max_pixels)
 
     def __getitem__(self, index: int) -> tuple[Any, int, list[str]]:
         skipped: list[str] = []
-        for step in range(min(MAX_CONSECUTIVE_BAD, len(self.samples))):
+        # a run of unreadable files, however long, is skipped: the walk ends at a readable one
+        for step in range(len(self.samples)):
             j = (index + step) % len(self.samples)
             try:
-                image = read_image(self.samples[j][0], getattr(self.transform, "draft", None))
+                draft = getattr(self.transform, "draft", None)
+                image = read_image(self.samples[j][0], draft, self.max_pixels)
             except UnreadableImageError as err:
                 if self.on_bad == "error":
                     raise BadImageError(_bad_image_fix(str(err))) from err
@@ -112,10 +115,16 @@ class ImageFiles(Dataset):
                 continue
             image = self.transform(image) if self.transform else image
             return image, self.samples[j][1], skipped
-        raise BadImageError(
-            f"{len(skipped)} unreadable image files in a row from {self.samples[index][0]} "
-            f"(last: {skipped[-1]}): the dataset looks broken. Check the files under that folder."
-        )
+        raise BadImageError(no_readable_file(self.samples, skipped))
+
+
+def no_readable_file(samples: list[tuple[str, int]], reasons: list[str]) -> str:
+    """The message when a walk over every file of a split found none readable."""
+    return (
+        f"None of the {len(samples)} image files of this split is readable (e.g. "
+        f"{reasons[-1] if reasons else samples[0][0]}): the dataset is broken. Check the files "
+        f"under data.root."
+    )
 
 
 def collate_batch(items: list[tuple[Any, ...]]) -> Batch:
@@ -290,8 +299,8 @@ def imagefolder_splits(
         train_samples = full.samples
         val = class_folder_index(val_root, index_file("val"), rank, full.classes, allow_empty=True)
         val_samples = val.samples
-    train = ImageFiles(train_samples, train_tf, cfg.on_bad_image, fill=True)
-    val = ImageFiles(val_samples, val_tf, cfg.on_bad_image, fill=False)
+    train = ImageFiles(train_samples, train_tf, cfg.on_bad_image, True, cfg.max_image_pixels)
+    val = ImageFiles(val_samples, val_tf, cfg.on_bad_image, False, cfg.max_image_pixels)
     check_readable(train, "train")
     if len(val):
         check_readable(val, "val")

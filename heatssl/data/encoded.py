@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from heatssl.data.datasets import MAX_CONSECUTIVE_BAD, _bad_image_fix
-from heatssl.data.images import DECODE_ERRORS, read_image
+from heatssl.data.datasets import _bad_image_fix, no_readable_file
+from heatssl.data.images import DECODE_ERRORS, MAX_IMAGE_PIXELS, check_pixels, read_image
 from heatssl.errors import BadImageError, UnreadableImageError
 
 JPEG_SOF_DALI = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman JPEGs
@@ -88,7 +88,7 @@ def _ppm(image: Image.Image) -> bytes:
     return f"P6\n{width} {height}\n255\n".encode() + image.tobytes()
 
 
-def encoded_image(path: str) -> np.ndarray:
+def encoded_image(path: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """The bytes to hand DALI for the file at ``path``, or :class:`UnreadableImageError` with why.
 
     JPEGs, and opaque PNGs and WebPs, go to DALI as they are once they look complete; anything else
@@ -102,6 +102,11 @@ def encoded_image(path: str) -> np.ndarray:
         raise UnreadableImageError(f"{path}: {type(err).__name__}: {err.strerror or err}") from err
     if not data:
         raise UnreadableImageError(f"{path}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # the size only: nothing is decoded
+            check_pixels(header.size, path, max_pixels)
+    except DECODE_ERRORS:
+        pass  # not an image PIL knows: read_image below names the problem
     if data.startswith(b"\xff\xd8"):
         verdict = _jpeg_verdict(data)
         if verdict == "truncated":
@@ -112,7 +117,7 @@ def encoded_image(path: str) -> np.ndarray:
         _header_verdict(data)
     ):
         return np.frombuffer(data, dtype=np.uint8)
-    return np.frombuffer(_ppm(read_image(path)), dtype=np.uint8)
+    return np.frombuffer(_ppm(read_image(path, max_pixels=max_pixels)), dtype=np.uint8)
 
 
 @dataclass
@@ -126,9 +131,9 @@ class Slot:
     error: BaseException | None = None  # raised when the consumer reaches this batch
 
 
-def _attempt(path: str) -> np.ndarray | UnreadableImageError:
+def _attempt(path: str, max_pixels: int | None) -> np.ndarray | UnreadableImageError:
     try:
-        return encoded_image(path)
+        return encoded_image(path, max_pixels)
     except UnreadableImageError as err:
         return err
 
@@ -157,8 +162,10 @@ class BatchReader:
         fill: bool,
         threads: int,
         depth: int = 2,
+        max_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         self.samples, self.batch_size, self.drop_last = samples, batch_size, drop_last
+        self.max_pixels = max_pixels
         self.on_bad, self.fill = on_bad, fill
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
@@ -196,12 +203,13 @@ class BatchReader:
     def read_slot(self, indices: list[int]) -> Slot:
         """Read and check the files of one batch (in parallel), applying the bad-image policy."""
         slot, count = Slot(), len(self.samples)
-        first = list(self._pool.map(_attempt, [self.samples[i][0] for i in indices]))
+        paths = [self.samples[i][0] for i in indices]
+        first = list(self._pool.map(_attempt, paths, [self.max_pixels] * len(paths)))
         for index, result in zip(indices, first, strict=True):
             met: list[str] = []
-            for step in range(min(MAX_CONSECUTIVE_BAD, count)):
+            for step in range(count):  # a run of unreadable files, however long, is skipped
                 path, label = self.samples[(index + step) % count]
-                data = result if step == 0 else _attempt(path)  # a neighbour: rare, read here
+                data = result if step == 0 else _attempt(path, self.max_pixels)  # rare: read here
                 if isinstance(data, UnreadableImageError):
                     if self.on_bad == "error":
                         raise BadImageError(_bad_image_fix(str(data))) from data
@@ -214,10 +222,7 @@ class BatchReader:
                 slot.data.append(data)
                 break
             else:
-                raise BadImageError(
-                    f"{len(met)} unreadable image files in a row from {self.samples[index][0]} "
-                    f"(last: {met[-1]}): the dataset looks broken. Check the files under that folder."
-                )
+                raise BadImageError(no_readable_file(self.samples, met))
             slot.skipped.extend(met)
         return slot
 

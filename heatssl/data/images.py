@@ -26,14 +26,18 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompression
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB for any PIL mode: grey, 1-bit, 16/32-bit integer, float, palette, alpha, CMYK, YCbCr.
 
-    16-bit integers are scaled (65535 -> 255) instead of clipped, so a 16-bit PNG is not white;
-    transparent pixels are composited on white, the usual background of cut-out photos.
+    16-bit integers are scaled (65535 -> 255, rounded) instead of clipped, so a 16-bit PNG is not
+    white, in integer arithmetic (4 bytes a pixel, not float64's 8); transparent pixels are
+    composited on white, the usual background of cut-out photos.
     """
-    if image.mode.startswith("I") or image.mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        arr = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))
+    elif image.mode.startswith("I") or image.mode == "F":
+        arr = np.asarray(image, dtype=np.float32)
         if image.mode == "F" and arr.size and float(np.nanmax(arr)) <= 1.0:
             arr = arr * 255.0  # float images in [0, 1]
-        elif image.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255.0):
+        elif arr.size and float(arr.max()) > 255.0:
             arr = arr / 257.0  # 16-bit range onto 8 bits
         image = Image.fromarray(np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8))
     if image.mode == "P" or image.mode == "PA":
@@ -45,18 +49,37 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 EXIF_ORIENTATION = 0x0112
+MAX_IMAGE_PIXELS = 64_000_000
+"""Default of ``data.max_image_pixels``: larger images are refused from their header, undecoded."""
 
 
-def read_image(path: str | Path, draft: Callable[[Image.Image], None] | None = None) -> Image.Image:
+def check_pixels(size: tuple[int, int], path: str | Path, max_pixels: int | None) -> None:
+    """Raise :class:`UnreadableImageError` for an image of more than ``max_pixels`` pixels."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise UnreadableImageError(
+            f"{path}: {width}x{height} = {width * height:,} pixels, over "
+            f"data.max_image_pixels={max_pixels:,} (decoding it would take "
+            f"{width * height * 3 / 1e9:.1f} GB or more); raise that key to read such images"
+        )
+
+
+def read_image(
+    path: str | Path,
+    draft: Callable[[Image.Image], None] | None = None,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> Image.Image:
     """The image at ``path``, fully decoded, upright (EXIF orientation) and RGB.
 
     Decoding happens here, not lazily later, so a truncated file fails in this call. Raises
-    :class:`UnreadableImageError` naming the file and the reason for anything PIL cannot decode.
+    :class:`UnreadableImageError` naming the file and the reason for anything PIL cannot decode,
+    and for an image of more than ``max_pixels`` pixels (judged from its header, before decoding).
     ``draft`` sees the opened, not yet decoded image (its size is known) and may ask for a reduced
     decode (``Image.draft``); it is skipped for files whose EXIF orientation rotates them.
     """
     try:
         with Image.open(path) as image:
+            check_pixels(image.size, path, max_pixels)
             if draft is not None and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
                 draft(image)
             image.load()

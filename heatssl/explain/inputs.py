@@ -16,7 +16,13 @@ from torch import Tensor
 
 from heatssl.config import Config
 from heatssl.data.datamodule import build_datamodule
-from heatssl.data.images import IMAGE_SUFFIXES, read_image, to_rgb, warn_unreadable
+from heatssl.data.images import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    read_image,
+    to_rgb,
+    warn_unreadable,
+)
 from heatssl.data.transforms import normalize, to_model_input
 from heatssl.errors import BadImageError, UnreadableImageError
 
@@ -51,12 +57,15 @@ def prepare(image: Image.Image, size: int) -> tuple[Tensor, np.ndarray]:
     return normalize(torch.from_numpy(resized / 255.0).permute(2, 0, 1)), original
 
 
-def load_images(paths: list[Path], size: int) -> LoadedImages:
-    """Read every path; unreadable files are skipped and named in one warning."""
+def load_images(
+    paths: list[Path], size: int, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> LoadedImages:
+    """Read every path; unreadable files (and ones over ``max_pixels``) are skipped and named in
+    one warning."""
     inputs, originals, names, skipped = [], [], [], []
     for path in paths:
         try:
-            x, original = prepare(read_image(path), size)
+            x, original = prepare(read_image(path, max_pixels=max_pixels), size)
         except UnreadableImageError as err:
             skipped.append(f"{path} ({str(err).removeprefix(f'{path}: ')})")
             continue

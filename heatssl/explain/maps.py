@@ -22,6 +22,7 @@ from heatssl.explain.overlays import heatmap_sheet, overlay
 from heatssl.runs.figures import reconstruction_sheet, save_figure
 from heatssl.runs.head_files import load_head
 from heatssl.runs.sources import qbheat_from_checkpoint, resolve_backbone
+from heatssl.writing import make_folder, replace_file
 
 
 @dataclass
@@ -56,7 +57,7 @@ def run_heatmaps(
     backbone = resolve_backbone(source, cfg).to("cuda" if torch.cuda.is_available() else "cpu")
     truths: list[str] | None = None
     if images is not None:
-        loaded = load_images(image_files(images), cfg.data.image_size)
+        loaded = load_images(image_files(images), cfg.data.image_size, cfg.data.max_image_pixels)
     else:
         loaded, truths, _ = dataset_images(cfg, split, num)
     out = Path(out_dir)
@@ -73,12 +74,11 @@ def run_heatmaps(
             if target is not None:
                 line += f"\nmap for {target}"
             titles.append(f"{name}\n{line}")
-        folder = out / method.replace("+", "p")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_folder(out / method.replace("+", "p"), inside=out)
         for name, original, heat in zip(loaded.names, loaded.originals, result.maps, strict=True):
-            Image.fromarray(overlay(original, heat)).save(folder / f"{name}.png")
-        np.savez_compressed(
-            folder / "maps.npz",
+            picture = Image.fromarray(overlay(original, heat))
+            replace_file(folder / f"{name}.png", lambda tmp, p=picture: p.save(tmp, format="PNG"))
+        arrays = dict(
             maps=result.maps,
             raw=result.raw if result.raw is not None else np.zeros(0),
             logits=result.logits,
@@ -86,6 +86,7 @@ def run_heatmaps(
             names=np.array(loaded.names),
             layer=np.array(result.layer),
         )
+        replace_file(folder / "maps.npz", lambda tmp, a=arrays: np.savez_compressed(tmp, **a))
         shown = method if result.layer == "grid" else f"{method} on {result.layer}"
         fig = heatmap_sheet(loaded.originals, result.maps, titles, shown)
         sheets[method] = save_figure(fig, out / f"{method.replace('+', 'p')}_sheet.png")

@@ -28,7 +28,7 @@ from heatssl.finetuning.data import FinetuneDataModule
 from heatssl.finetuning.recipe import check_scale, resolve
 from heatssl.finetuning.report import confusion_figure, finetune_markdown
 from heatssl.model.backbone import Backbone
-from heatssl.runs.checkpoints import pickle_trusted
+from heatssl.runs.checkpoints import pickle_trusted, safe_torch_load
 from heatssl.runs.figures import save_figure
 from heatssl.runs.layout import default_out_dir
 from heatssl.runs.lock import holding_run_lock
@@ -36,6 +36,7 @@ from heatssl.runs.resume import agreed_resume
 from heatssl.runs.sources import resolve_backbone
 from heatssl.runs.timm_folder import save_timm_folder, timm_classifier, timm_model_args
 from heatssl.runs.trainer import build_trainer, scale_line
+from heatssl.writing import write_text
 
 
 @dataclass
@@ -109,6 +110,8 @@ def finetune(
     module = FinetuneModule(model, run_cfg, recipe, num_classes)
     # pretraining's rule (last / auto / a path), decided by process 0 for every process
     ckpt_path = agreed_resume(run_cfg, resume, trainer)
+    if ckpt_path is not None:  # a damaged or pickled file stops here, before config.yaml changes
+        safe_torch_load(ckpt_path, mmap=True)
     with holding_run_lock(out, trainer.is_global_zero, force):
         processes = trainer.num_devices * trainer.num_nodes
         if trainer.is_global_zero:
@@ -181,6 +184,6 @@ def _write(
         model, backbone.name, args, out / "model_timm", cfg.data.image_size, names
     )
     metrics["model"] = model_dir.name
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "metrics.md").write_text(finetune_markdown(metrics))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(out / "metrics.md", finetune_markdown(metrics))
     return model_dir

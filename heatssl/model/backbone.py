@@ -22,6 +22,39 @@ from heatssl.errors import ArgumentError
 OUTPUT_STRIDES = (8, 16, 32)
 """Output strides timm's CNNs take (dilating their late stages)."""
 
+MODEL_ARGS = frozenset(
+    {
+        *("output_stride", "in_chans", "global_pool", "drop_rate", "drop_path_rate"),
+        # ViTs: the token grid, positions and blocks
+        *("patch_size", "img_size", "dynamic_img_size", "dynamic_img_pad", "fc_norm"),
+        *("class_token", "no_embed_class", "reg_tokens", "pos_embed", "embed_dim", "depth"),
+        *("num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "attn_drop_rate"),
+        *("proj_drop_rate", "pos_drop_rate", "patch_drop_rate"),
+        # CNNs: stages, widths and layers by name
+        *("layers", "depths", "dims", "channels", "widths", "stem_type", "stem_width"),
+        *("width_multiplier", "channel_multiplier", "depth_multiplier", "act_layer", "norm_layer"),
+    }
+)
+"""The ``timm.create_model`` arguments a config or a file may set: the architecture's shape only.
+
+Never weights, files, downloads or caches (``pretrained*``, ``checkpoint_path``, ``cache_dir``, ...):
+timm would load what they name, with pickle in some versions, or reach the network.
+"""
+
+
+def check_model_args(kwargs: Any, where: str = "kwargs") -> None:
+    """Refuse ``timm.create_model`` arguments outside :data:`MODEL_ARGS` (or not a mapping)."""
+    if not isinstance(kwargs, dict):
+        raise ArgumentError(f"{where}={kwargs!r} must be a mapping of timm.create_model arguments.")
+    refused = sorted(str(k) for k in kwargs if k not in MODEL_ARGS)
+    if refused:
+        raise ArgumentError(
+            f"{where}.{refused[0]} is not allowed: heatssl passes timm only arguments that shape "
+            f"the architecture (weights come from heatssl's own checkpoints and exports, never "
+            f"from a path, a download or a cache a file names). Allowed: "
+            f"{', '.join(sorted(MODEL_ARGS))}."
+        )
+
 
 def _unknown_model_error(name: str) -> ArgumentError:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
@@ -52,6 +85,7 @@ def create_timm_model(
             f"output_stride={output_stride} is not allowed. Allowed: None (the model's own), "
             f"{', '.join(map(str, OUTPUT_STRIDES))}."
         )
+    check_model_args(kwargs)
     create_kwargs = dict(kwargs)
     if output_stride is not None:
         create_kwargs["output_stride"] = output_stride

@@ -32,6 +32,7 @@ from heatssl.probing.report import metrics_markdown
 from heatssl.runs.head_files import save_head
 from heatssl.runs.layout import default_out_dir
 from heatssl.runs.sources import resolve_backbone
+from heatssl.writing import write_text
 
 
 @dataclass
@@ -153,7 +154,7 @@ def probe(
         "probes": metrics,
         **_embedding(cache, cfg, out, backbone.name),
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "metrics.json", json.dumps(report, indent=2))
     heading = title or f"{backbone.name} ({source}) on {cfg.data.name}"
     if cfg.data.label_fraction < 1.0:
         heading += (
@@ -161,5 +162,5 @@ def probe(
             f"({len(data.train_dataset)} labelled images)"
         )
     table = metrics_markdown(metrics, heading)
-    (out / "metrics.md").write_text(table)
+    write_text(out / "metrics.md", table)
     return ProbeResult(out, report, cache)

@@ -75,9 +75,18 @@ class BadImageReport(L.Callback):
             flush=True,
         )
         if self.report_file is not None:
-            self.report_file.parent.mkdir(parents=True, exist_ok=True)
-            with self.report_file.open("a") as f:
-                f.writelines(f"epoch {epoch}\t{line}\n" for line in files)
+            try:
+                self.report_file.parent.mkdir(parents=True, exist_ok=True)
+                # file names are bytes: one that is not UTF-8 is written back as those bytes
+                with self.report_file.open("a", encoding="utf-8", errors="surrogateescape") as f:
+                    f.writelines(f"epoch {epoch}\t{line}\n" for line in files)
+            except OSError as err:  # the epoch's checkpoint matters more than this report
+                print(
+                    f"heatssl: warning: epoch {epoch}: {self.report_file} was not written "
+                    f"({type(err).__name__}: {err}); training goes on.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 class RunReport(L.Callback):

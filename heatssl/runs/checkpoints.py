@@ -17,6 +17,7 @@ import pickle
 import pickletools
 import re
 import shutil
+import sys
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,13 +64,26 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     """
     path = Path(path)
     fmt = _checkpoint_format(path)
-    trusted = pickle_trusted()
+    weights_only = True
     try:
-        loaded = torch.load(
-            str(path), map_location="cpu", weights_only=not trusted, mmap=mmap and fmt == "zip"
-        )
+        try:
+            loaded = torch.load(
+                str(path), map_location="cpu", weights_only=True, mmap=mmap and fmt == "zip"
+            )
+        except pickle.UnpicklingError as err:
+            if not pickle_trusted() or _damage(path, fmt) is not None:
+                raise
+            # --trust-checkpoint: said before it is done, naming what the file needs
+            print(
+                f"heatssl: --trust-checkpoint: unpickling {path} ({_refused(err)}), which can "
+                f"run code from the file.",
+                file=sys.stderr,
+                flush=True,
+            )
+            weights_only = False
+            loaded = torch.load(str(path), map_location="cpu", weights_only=False)
     except pickle.UnpicklingError as err:
-        damage = _zip_damage(path) if fmt == "zip" else _legacy_damage(path)
+        damage = _damage(path, fmt)
         if damage is not None:  # bytes changed on disk, not a refused class
             raise CheckpointError(f"{path} is damaged: {damage}. {_COPY_AGAIN}") from err
         raise CheckpointError(
@@ -85,11 +99,17 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
             raise  # out of memory, and the file's bytes are as written
         damage = damage or f"torch cannot read it ({_first(err)})"
         raise CheckpointError(f"{path} is damaged: {damage}. {_COPY_AGAIN}") from err
-    if fmt == "zip" and not mmap:
+    if fmt == "zip" and not mmap and weights_only:
         damage = _zip_damage(path)
         if damage is not None:
             raise CheckpointError(f"{path} is damaged: {damage}. {_COPY_AGAIN}")
     return loaded
+
+
+def _damage(path: Path, fmt: str) -> str | None:
+    """Why the file's bytes are not those written, or None (then an unpickling error is a class
+    the weights-only unpickler refused)."""
+    return _zip_damage(path) if fmt == "zip" else _legacy_damage(path)
 
 
 _GIVE_CHECKPOINT = "Give a checkpoint from `heatssl pretrain` (RUN/checkpoints/last.ckpt)."
@@ -198,8 +218,9 @@ def _first(err: BaseException) -> str:
 
 
 def _refused(err: pickle.UnpicklingError) -> str:
-    """What the weights-only unpickler refused, e.g. "it needs argparse.Namespace"."""
-    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    """What the weights-only unpickler refused, e.g. "it needs posix.system" (torch names the
+    global as ``GLOBAL posix.system``, in wordings that change between versions)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
     if found:
         return f"it needs {found[1]}"
     found = re.search(r"WeightsUnpickler error: (.+)", str(err))

@@ -18,6 +18,7 @@ from heatssl.model.backbone import Backbone
 from heatssl.runs.files import EXPORT_FORMAT
 from heatssl.runs.layout import RunLayout
 from heatssl.runs.sources import backbone_from_checkpoint
+from heatssl.writing import replace_file
 
 
 def export_backbone(backbone: Backbone, path: str | Path) -> Path:
@@ -43,8 +44,7 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
         "create_kwargs": json.dumps(kwargs),
         "stage": str(backbone.stage),
     }
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:

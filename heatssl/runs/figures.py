@@ -16,6 +16,7 @@ from torch import Tensor
 
 from heatssl.data.transforms import denormalize, to_model_input
 from heatssl.model.qbheat import QBHeat
+from heatssl.writing import replace_file
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -26,11 +27,8 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Save ``fig`` as PNG, creating folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    """Save ``fig`` as PNG, creating folders; whole or not at all, never through a link."""
+    return replace_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
 def figure_to_tensor(fig: Figure) -> Tensor:

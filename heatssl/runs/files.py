@@ -45,7 +45,7 @@ def _safetensors_extent(path: Path, head: bytes, size: int) -> tuple[int, dict[s
             header = json.loads(f.read(n))
         ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
         meta = header.get("__metadata__") or {}
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         return None
     return 8 + n + max(ends, default=0), meta if isinstance(meta, dict) else {}
 
@@ -115,7 +115,7 @@ def head_format(raw: str | None) -> str | None:
     """The ``format`` inside a probe head's JSON metadata, if any."""
     try:
         info = json.loads(raw) if raw else {}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
     return info.get("format") if isinstance(info, dict) else None
 

@@ -21,6 +21,7 @@ from heatssl.runs.files import (
     safetensors_metadata,
     safetensors_tensors,
 )
+from heatssl.writing import replace_file
 
 _RESERVED = {"format", "kind", "class_names", "tokens", "heads", "in_dim", "num_classes"}
 
@@ -39,8 +40,8 @@ def save_head(head: nn.Module, path: str | Path, class_names: list[str], **meta:
     linear = head if isinstance(head, LinearHead) else head.head
     info["in_dim"], info["num_classes"] = linear.fc.in_features, linear.fc.out_features
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(tensors, str(path), metadata={"heatssl": json.dumps(info)})
-    return path
+    metadata = {"heatssl": json.dumps(info)}
+    return replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_head(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -69,6 +70,13 @@ def load_head(path: str | Path, kind: str | None = None) -> tuple[nn.Module, dic
         raise CheckpointError(
             f"{path} is a probe head with incomplete metadata (missing {missing} or an unknown "
             f"kind={info.get('kind')!r}). {fix}"
+        )
+    names = info["class_names"]
+    if not isinstance(names, list) or len(names) != info["num_classes"]:
+        count = len(names) if isinstance(names, list) else "no list of"
+        raise CheckpointError(
+            f"{path} has {count} class names for its {info['num_classes']} classes: its metadata "
+            f"was edited or belongs to another head. {fix}"
         )
     if kind is not None and info["kind"] != kind:
         raise CheckpointError(

@@ -25,8 +25,10 @@ class RunLayout:
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | Path) -> RunLayout:
-        """The run folder a checkpoint was written into (``RUN/checkpoints/X.ckpt``)."""
-        return cls(Path(checkpoint).resolve().parent.parent)
+        """The run folder a checkpoint was written into (``RUN/checkpoints/X.ckpt``); a checkpoint
+        kept anywhere else counts as a run folder of its own, its folder."""
+        folder = Path(checkpoint).resolve().parent
+        return cls(folder.parent if folder.name == "checkpoints" else folder)
 
     @property
     def config(self) -> Path:

@@ -1,24 +1,29 @@
-"""One training process per run folder: a lock file naming its holder, refreshed while it runs.
+"""One training process per run folder: a lock file naming its holder, held by the kernel while it runs.
 
 Two runs writing one folder (a job started twice, a resubmit while the first is still alive) would
-overwrite each other's checkpoints. ``heatssl pretrain`` therefore creates ``RUN/run.lock``
-exclusively (``O_CREAT | O_EXCL``, atomic on local disks and NFS) holding the pid, host, start time
-and command of the process that trains, and a thread touches it every :data:`HEARTBEAT_S` seconds.
-A second run is refused with the holder named, unless:
+overwrite each other's checkpoints. The process that trains claims ``RUN/run.lock`` with the
+kernel's file lock (``lockf``: local disks, NFS with locking, Lustre mounted with ``flock``): the
+claim is atomic, so of several starters exactly one wins, and it holds for as long as the process
+lives, suspended or not, and ends with it however it ends. The file names the holder (pid, host,
+start time, command, SLURM job) and a thread touches it every :data:`HEARTBEAT_S` seconds. A second
+run is refused with the holder named while either the kernel says the lock is held or the file's
+holder may be alive:
 
-- the lock is stale: its process is gone (same host: the pid no longer exists), it was held by an
-  earlier start of this same SLURM job (a requeue: SLURM ends a job before it starts it again), or
-  its heartbeat is older than :data:`STALE_AFTER_S` (another host, which cannot be asked; a node
-  that crashed);
-- ``--force`` (``force=True``) says take it over anyway.
+- on this host, while its pid exists (never taken by age: a stopped process is alive);
+- on another host, while its heartbeat is younger than :data:`STALE_AFTER_S` (it cannot be asked);
+- in this SLURM job, while it is the same start of the job (a requeue ends the earlier start).
 
-The lock is removed when the run ends, however it ends, except by SIGKILL or a crashed node: that is
-what the stale checks are for. Under several processes only process 0 holds it.
+``--force`` (``force=True``) runs anyway: it takes a left lock at once, and beside a live holder
+it runs without the lock, saying so. Where the file system has no kernel locks, the lock file is
+created exclusively (``O_EXCL``) and the rules above alone decide. Under several processes only
+process 0 holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -84,6 +89,7 @@ class RunLock:
         self.note: str | None = None  # what happened to a previous lock, for the user
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._fd: int | None = None  # the file whose kernel lock this process holds
         self._mine = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -109,8 +115,9 @@ class RunLock:
         except FileNotFoundError:
             return "it is gone"
         pid, host = holder.get("pid"), holder.get("host")
-        if host == self._mine["host"] and isinstance(pid, int) and not _alive(pid):
-            return f"process {pid} no longer exists on this host"
+        if host == self._mine["host"] and isinstance(pid, int) and pid != os.getpid():
+            # this host can be asked: alive (even stopped) means held, whatever the heartbeat
+            return None if _alive(pid) else f"process {pid} no longer exists on this host"
         job = self._mine["slurm_job"]
         if (
             job
@@ -122,9 +129,69 @@ class RunLock:
             return f"its heartbeat is {age / 60:.0f} minutes old"
         return None
 
+    def _busy(self, holder: dict[str, Any]) -> RunFolderBusy:
+        return RunFolderBusy(
+            f"{self.path.parent} is in use by {_describe(holder)}: two runs in one folder would "
+            f"overwrite each other's checkpoints. Wait for it to end, stop it, or use another "
+            f"run_dir; if you are sure it is gone (its lock {self.path} is refreshed every "
+            f"{self.heartbeat_s:.0f} s and counts as left after {self.stale_after_s / 60:.0f} "
+            f"minutes on another host), pass --force."
+        )
+
     def acquire(self) -> RunLock:
         """Take the lock or raise :class:`RunFolderBusy` naming the holder and the way out."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # a lock released between our open and our claim: claim the new file
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EACCES, errno.EAGAIN):  # a live process holds it
+                    return self._beside_live_holder(self._read() or {})
+                if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return self._acquire_without_kernel_lock()
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            holder = self._read()
+            if holder and (holder.get("pid"), holder.get("host")) != (
+                self._mine["pid"],
+                self._mine["host"],
+            ):
+                why = self.stale_reason(holder)
+                if why is None and not self.force:
+                    os.close(fd)
+                    raise self._busy(holder) from None
+                self.note = (
+                    f"took over {self.path} from {_describe(holder)}: "
+                    f"{why or 'forced with --force'}"
+                )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self._mine).encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
+            self._start_heartbeat()
+            return self
+        raise RunFolderBusy(f"could not claim {self.path}: other processes keep taking it.")
+
+    def _beside_live_holder(self, holder: dict[str, Any]) -> RunLock:
+        """The kernel says another live process holds the lock: refuse, or (--force) run without."""
+        if not self.force:
+            raise self._busy(holder) from None
+        self.note = (
+            f"running without {self.path}, which {_describe(holder)} holds and is alive "
+            f"(forced with --force: the two runs may overwrite each other's checkpoints)"
+        )
+        return self
+
+    def _acquire_without_kernel_lock(self) -> RunLock:
+        """File systems without kernel locks: an exclusive create, the rules above for a left one."""
         payload = json.dumps(self._mine)
         for _ in range(3):  # a race with another starter: try again with what it wrote
             try:
@@ -135,13 +202,7 @@ class RunLock:
                     continue  # released meanwhile
                 why = self.stale_reason(holder)
                 if why is None and not self.force:
-                    raise RunFolderBusy(
-                        f"{self.path.parent} is in use by {_describe(holder)}: two runs in one "
-                        f"folder would overwrite each other's checkpoints. Wait for it to end, "
-                        f"stop it, or use another run_dir; if you are sure it is gone (its lock "
-                        f"{self.path} is refreshed every {self.heartbeat_s:.0f} s and counts as "
-                        f"left after {self.stale_after_s / 60:.0f} minutes), pass --force."
-                    ) from None
+                    raise self._busy(holder) from None
                 self.note = (
                     f"took over {self.path} from {_describe(holder)}: "
                     f"{why or 'forced with --force'}"
@@ -156,9 +217,12 @@ class RunLock:
                 break
         else:
             raise RunFolderBusy(f"could not create {self.path}: another process keeps taking it.")
+        self._start_heartbeat()
+        return self
+
+    def _start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="heatssl-run-lock", daemon=True)
         self._thread.start()
-        return self
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -178,7 +242,10 @@ class RunLock:
             and holder.get("pid") == self._mine["pid"]
             and (holder.get("host") == self._mine["host"])
         ):
-            self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # while the kernel lock is still held
+        if self._fd is not None:
+            os.close(self._fd)  # releases the kernel lock
+            self._fd = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 from heatssl.config import Config, config_keys, load_config
-from heatssl.errors import CheckpointError, ConfigError
-from heatssl.model.backbone import Backbone, restride
+from heatssl.errors import ArgumentError, CheckpointError, ConfigError
+from heatssl.model.backbone import Backbone, check_model_args, restride
 from heatssl.model.qbheat import QBHeat
 from heatssl.runs.build import MODEL_KEYS, build_backbone, build_qbheat
 from heatssl.runs.checkpoints import safe_torch_load
@@ -34,7 +35,7 @@ from heatssl.runs.files import (
     safetensors_metadata,
     safetensors_tensors,
 )
-from heatssl.runs.layout import HUB_PREFIXES
+from heatssl.runs.layout import HUB_PREFIXES, RunLayout
 
 MODULE_PREFIX = "qbheat."
 """The pretraining module's name for QB-Heat's weights in a checkpoint's state dict."""
@@ -179,16 +180,26 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
             + "). Create one with `heatssl export`."
         )
     try:
-        return {
+        found = {
             "model_name": meta["model_name"],
             "create_kwargs": json.loads(meta["create_kwargs"]),
             "stage": int(meta["stage"]),
         }
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, RecursionError) as err:
         raise CheckpointError(
             f"{path} is a heatssl backbone export with incomplete metadata ({err!r} is missing or "
             f"malformed; it has {sorted(meta)}). {_EXPORT_FIX}"
         ) from err
+    if not timm.is_model(found["model_name"]):
+        raise CheckpointError(
+            f"{path}: its metadata's model_name={found['model_name']!r} is not a timm model name "
+            f"(an export names the architecture its weights are for). {_EXPORT_FIX}"
+        )
+    try:
+        check_model_args(found["create_kwargs"], "create_kwargs")
+    except ArgumentError as err:
+        raise CheckpointError(f"{path}: its metadata's {err}") from err
+    return found
 
 
 def load_exported_backbone(
@@ -223,18 +234,107 @@ def load_exported_backbone(
             f"{len(missing)} missing ({example}); they come from another architecture. "
             f"{_EXPORT_FIX}"
         )
+    check_weights(state, own, path)
     backbone.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
     return backbone
 
 
+def check_weights(state: dict[str, Any], own: dict[str, Any], path: str | Path) -> None:
+    """Refuse weights of another dtype kind than the model's (integers for floats) or not finite."""
+    for key, expected in own.items():
+        value = state.get(key)
+        if value is None or not expected.is_floating_point():
+            continue
+        if not value.is_floating_point():
+            raise CheckpointError(
+                f"{path}: {key} holds {value.dtype} values where the model has {expected.dtype} "
+                f"weights: not weights heatssl wrote. {_EXPORT_FIX}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"{path}: {key} holds NaN or infinite values: the weights are broken (a training "
+                f"run that diverged, or an edited file). Export a good checkpoint again."
+            )
+
+
+# ----- timm folders -------------------------------------------------------------------------------
+def check_timm_folder(source: str) -> None:
+    """Refuse a ``local-dir:`` timm folder timm would read unsafely or not as heatssl wrote it.
+
+    Its ``config.json`` must be JSON naming a timm architecture and only architecture arguments, and
+    its weights must be ``model.safetensors`` (timm would otherwise unpickle ``pytorch_model.bin``).
+    """
+    folder = Path(source.removeprefix("local-dir:"))
+    fix = "Give a folder written by `heatssl export --format timm`."
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise CheckpointError(
+            f"{source}: its config.json is not valid JSON ({err}). {fix}"
+        ) from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: its config.json is not a JSON object. {fix}")
+    arch = config.get("architecture")
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise CheckpointError(f"{source}: config.json's architecture={arch!r} is not a timm model.")
+    try:
+        args = config.get("model_args", {})
+        shaped = (
+            {k: v for k, v in args.items() if k != "num_classes"}
+            if isinstance(args, dict)
+            else args
+        )
+        check_model_args(shaped, "config.json model_args")
+    except ArgumentError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    if not (folder / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"{source}: no model.safetensors in {folder}: heatssl reads a timm folder's weights "
+            f"from safetensors only (a pytorch_model.bin is a pickle, which can run code). {fix}"
+        )
+
+
+def _hub_backbone(source: str, cfg: Config) -> Backbone:
+    """The backbone of a timm folder or Hub repo, its weights checked as an export's are."""
+    if source.startswith("local-dir:"):
+        check_timm_folder(source)
+    size = cfg.data.image_size
+    try:
+        with config_keys(**MODEL_KEYS):
+            backbone = Backbone(
+                source, stage=cfg.model.stage, image_size=size, pretrained=True, check_size=False
+            )
+    except (RuntimeError, AttributeError, KeyError, ValueError, TypeError, IndexError) as err:
+        # timm loading weights of another architecture: a size mismatch, or a layer it lacks
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(
+            f"{source}: its weights do not fit the architecture its config.json names ({first})."
+        ) from err
+    own = backbone.model.state_dict()
+    check_weights(own, own, source)
+    return backbone
+
+
 # ----- any source -------------------------------------------------------------------------------
+OUTPUT_KEYS = (("probe", "out_dir"), ("probe", "grid_dir"), ("finetune", "out_dir"))
+"""Where a stage writes: set on the command line or by the run folder, never by a file read."""
+
+
 def source_config(source: str, config: str | None, overrides: list[str] | None) -> Config:
     """The config of a run on ``source``: ``config`` if given, else a checkpoint's own, else the
-    defaults; ``overrides`` on top."""
+    defaults; ``overrides`` on top.
+
+    A checkpoint's stored config is validated like a user's, and its output folders are not
+    taken: the stages write into the checkpoint's run folder unless the command line says otherwise.
+    """
     if config is not None:
         cfg_source: Any = config
     elif source_kind(source) == "checkpoint":
-        cfg_source = checkpoint_config(source).to_dict()
+        stored = checkpoint_config(source).to_dict()
+        stored["run_dir"] = str(RunLayout.of_checkpoint(source).root)
+        for section, key in OUTPUT_KEYS:
+            stored[section][key] = None
+        cfg_source = stored
     else:
         cfg_source = None
     return load_config(cfg_source, overrides)
@@ -272,10 +372,7 @@ def resolve_backbone(source: str, cfg: Config, named: Collection[str] = ()) -> B
             backbone = load_exported_backbone(source, image_size=size, check_size=False)
         _check_named(cfg, backbone, backbone.name, source, named)
     elif kind == "hub":  # the folder's config.json holds the architecture and its arguments
-        with config_keys(**MODEL_KEYS):
-            backbone = Backbone(
-                source, stage=cfg.model.stage, image_size=size, pretrained=True, check_size=False
-            )
+        backbone = _hub_backbone(source, cfg)
     else:  # random initialisation of the named model (the caller's config is left as is)
         model = dataclasses.replace(cfg.model, backbone=source, pretrained=False)
         backbone = build_backbone(model, size, check_size=False)

@@ -21,6 +21,8 @@ can be uploaded as it is.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +39,20 @@ from heatssl.model.heads import LinearHead
 from heatssl.runs.head_files import load_linear_head
 from heatssl.runs.layout import RunLayout
 from heatssl.runs.sources import backbone_from_checkpoint, read_checkpoint
+from heatssl.writing import UnsafePathError
 
 
 def export_timm(
-    checkpoint: str | Path, out: str | Path | None = None, head: str | Path | None = None
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    head: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
     """Write a checkpoint's backbone as a timm folder (default ``RUN/backbone_timm``); return it.
 
     ``head``: a ``linear_head.safetensors`` written by ``heatssl probe`` to fold in (the folder is
     then a classifier over its classes); without it, a feature extractor (``num_classes: 0``).
+    ``force`` writes into a folder heatssl did not write (see :func:`save_timm_folder`).
     """
     run = RunLayout.of_checkpoint(checkpoint)
     stored = read_checkpoint(checkpoint, mmap=True)  # config and step; the tensors are mapped
@@ -56,7 +63,9 @@ def export_timm(
     cfg = stored.config
     card = model_card(cfg, folder.name, stored.global_step, probe_metrics(run), classes)
     with config_keys(image_size="data.image_size"):
-        return export_timm_folder(backbone, folder, cfg.data.image_size, linear, class_names, card)
+        return export_timm_folder(
+            backbone, folder, cfg.data.image_size, linear, class_names, card, force
+        )
 
 
 def timm_model_args(backbone: Backbone) -> dict[str, Any]:
@@ -74,6 +83,7 @@ def export_timm_folder(
     head: LinearHead | None = None,
     class_names: list[str] | None = None,
     card: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``backbone`` (and optionally a linear probe head) as a timm folder; return it.
 
@@ -86,6 +96,7 @@ def export_timm_folder(
             becomes its class count); ``None`` writes a feature extractor (``num_classes: 0``).
         class_names: Names of the head's classes, in label order (``label_names`` in the config).
         card: Text of ``README.md`` (a model card); ``None`` writes none.
+        force: Write into a folder heatssl did not write (see :func:`save_timm_folder`).
     """
     if not backbone.is_last:
         raise ArgumentError(
@@ -98,7 +109,14 @@ def export_timm_folder(
     if head is not None:
         _fold_head(model, backbone, head, image_size)
     return save_timm_folder(
-        model, backbone.name, timm_model_args(backbone), out_dir, image_size, class_names, card
+        model,
+        backbone.name,
+        timm_model_args(backbone),
+        out_dir,
+        image_size,
+        class_names,
+        card,
+        force,
     )
 
 
@@ -125,6 +143,47 @@ def timm_classifier(backbone: Backbone, num_classes: int, **extra: Any) -> torch
     return model
 
 
+TIMM_FOLDER_FILES = frozenset({"config.json", "model.safetensors", "README.md"})
+"""What a timm folder heatssl writes holds, and nothing else."""
+
+
+def written_by_heatssl(folder: Path) -> bool:
+    """Whether ``folder`` holds only a timm folder's files and its config.json has heatssl's tag."""
+    entries = list(folder.iterdir())
+    if any(e.name not in TIMM_FOLDER_FILES or e.is_symlink() for e in entries):
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return config["pretrained_cfg"]["tag"] == "heatssl"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _check_target(out: Path, force: bool) -> bool:
+    """Refuse to write into a link, a file or a folder heatssl did not write (unless ``force``);
+    whether the folder is someone else's (then only heatssl's files in it are replaced)."""
+    if out.is_symlink():
+        if not force:
+            raise UnsafePathError(
+                f"{out} is a link (to {os.readlink(out)}): the timm folder would be written "
+                f"through it. Give another folder, or pass --force to replace the link."
+            )
+        out.unlink()
+        return False
+    if out.exists() and not out.is_dir():
+        raise UnsafePathError(f"{out} is a file, not a folder: give a folder for the timm export.")
+    if out.is_dir() and any(out.iterdir()) and not written_by_heatssl(out):
+        if not force:
+            names = sorted(p.name for p in out.iterdir())[:5]
+            raise UnsafePathError(
+                f"{out} holds files heatssl did not write ({', '.join(names)}): the timm folder "
+                f"would replace its config.json, model.safetensors and README.md. Give a new or "
+                f"empty folder, or pass --force to replace those three files."
+            )
+        return True
+    return False
+
+
 def save_timm_folder(
     model: torch.nn.Module,
     name: str,
@@ -133,10 +192,44 @@ def save_timm_folder(
     image_size: int,
     class_names: list[str] | None = None,
     card: str | None = None,
+    force: bool = False,
 ) -> Path:
     """Write a whole timm ``model`` (architecture ``name``, ``create_model`` ``args``) as a folder
-    ``timm.create_model("local-dir:...", pretrained=True)`` rebuilds with no other argument."""
+    ``timm.create_model("local-dir:...", pretrained=True)`` rebuilds with no other argument.
+
+    The folder is written under a temporary name beside ``out_dir`` and then put in place, so it is
+    whole or absent and no link in an existing folder is followed; a folder heatssl did not write is
+    refused unless ``force`` (then only its three files are replaced).
+    """
     out = Path(out_dir)
+    foreign = _check_target(out, force)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_folder(model, args, tmp, image_size, class_names, card)
+        if foreign:
+            for written in tmp.iterdir():
+                os.replace(written, out / written.name)  # a link at the name is replaced
+        else:
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_folder(
+    model: torch.nn.Module,
+    args: dict[str, Any],
+    out: Path,
+    image_size: int,
+    class_names: list[str] | None,
+    card: str | None,
+) -> None:
+    """timm's ``save_for_hf`` into the fresh folder ``out``, heatssl's tag and card added."""
     model_config: dict[str, Any] = {}
     if class_names:
         model_config["label_names"] = list(class_names)
@@ -177,7 +270,6 @@ def save_timm_folder(
     config_path.write_text(json.dumps(config, indent=2))
     if card is not None:
         (out / "README.md").write_text(card)
-    return out
 
 
 @torch.no_grad()

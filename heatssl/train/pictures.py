@@ -5,6 +5,7 @@ Drawn by process 0 into ``RUN/pictures/`` and sent to the logger (TensorBoard, W
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,15 @@ class ReconstructionPictures(L.Callback):
         if self._batch is None or (epoch % self.every and not last):
             return
         if trainer.is_global_zero:
-            self.draw(pl_module, epoch)
+            try:
+                self.draw(pl_module, epoch)
+            except Exception as err:  # a picture is never worth the epoch's checkpoint
+                print(
+                    f"heatssl: warning: epoch {epoch}: the reconstruction picture was not written "
+                    f"({type(err).__name__}: {err}); training goes on.",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def draw(self, pl_module: Any, epoch: int) -> Path:
         """Write the reconstruction sheet for ``epoch`` to the folder and to the logger."""

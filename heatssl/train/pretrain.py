@@ -76,15 +76,19 @@ def _pretrain_locked(
         datamodule.setup("fit")  # a missing or malformed dataset stops here, before anything runs
     classes = datamodule.num_classes if cfg.probe.online else None
     module = HeatPretrainModule(cfg, num_classes=classes)
+    if ckpt_path is not None:
+        # A damaged checkpoint, one needing pickle, or one whose epoch cannot be continued on this
+        # data stops here, before config.yaml changes; mapped, so the tensors are not read twice
+        # (Lightning loads the file next).
+        stored = safe_torch_load(ckpt_path, mmap=True)
+        state = stored.get(type(datamodule).__qualname__) if isinstance(stored, dict) else None
+        if state and not cfg.data.download:
+            datamodule.check_resume(state, trainer.world_size)
     if trainer.is_global_zero:
         save_config(cfg, run.config)
         scale = scale_line(cfg, trainer.num_devices, trainer.num_nodes, cfg.optim.base_lr)
         print(f"heatssl: {cfg.model.backbone} on {cfg.data.name}, {scale}, run folder {run.root}")
     start = time.perf_counter()
-    if ckpt_path is not None:
-        # A checkpoint needing pickle stops here with the reason; mapped, so the tensors are not
-        # read twice (Lightning loads the file next).
-        safe_torch_load(ckpt_path, mmap=True)
     try:
         trainer.fit(
             module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not pickle_trusted()

@@ -340,10 +340,10 @@ def test_files_are_read_in_parallel_outside_the_training_thread(files, monkeypat
     readers: list[int] = []
     real = encoded.encoded_image
 
-    def slow(path):
+    def slow(path, *args):
         readers.append(threading.get_ident())
         time.sleep(0.01)  # a cold file system
-        return real(path)
+        return real(path, *args)
 
     monkeypatch.setattr(encoded, "encoded_image", slow)
     labels = _labels(_loader(files, num_threads=4))
