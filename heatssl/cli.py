@@ -14,12 +14,13 @@ import yaml
 
 from heatssl.config import Config, load_config
 from heatssl.console import one_line_warnings, quiet_libraries
+from heatssl.data.convert import convert
+from heatssl.demo import run_demo
 from heatssl.errors import ConfigError, HeatSSLError
 from heatssl.explain import maps as explaining
 from heatssl.explain.cam import METHODS
 from heatssl.finetuning import finetune as finetuning
 from heatssl.probing import probe as probing
-from heatssl.probing.report import top1_table
 from heatssl.runs.checkpoints import trusted_checkpoints
 from heatssl.runs.exports import export_checkpoint
 from heatssl.runs.layout import RunLayout, default_out_dir
@@ -183,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=None, help="PNG path (default: RUN/reconstruction.png)")
 
     p = sub.add_parser(
+        "convert",
+        help="write an image folder or Hugging Face dataset as WebDataset tar shards",
+        description="Write the data a config names (data.name=imagefolder or hf) as OUT/train/"
+        "shard-000000.tar ... and OUT/val/..., each split with an index.json; train from them with "
+        "data.name=webdataset data.root=OUT. Example: heatssl convert -c imagenette "
+        "data.root=/data/imagenette -o /scratch/imagenette_shards",
+    )
+    _add_config_args(p, default=None)
+    p.add_argument("-o", "--out", required=True, help="the folder to write the shards into")
+    p.add_argument("--per-shard", type=int, default=1000, help="images per shard (default 1000)")
+
+    p = sub.add_parser(
         "demo",
         help="the whole chain on the embedded digits data, on CPU, in minutes",
         description="Pretrain resnet18 on the digits that ship with scikit-learn, export it, probe "
@@ -190,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p, default="demo")
     for name, subparser in sub.choices.items():
-        if name != "demo":  # the commands that may read a checkpoint
+        if name not in ("demo", "convert"):  # the commands that may read a checkpoint
             subparser.add_argument(
                 "--trust-checkpoint",
                 action="store_true",
@@ -201,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Config:
     if args.config is None:
-        raise ConfigError("pretrain needs a config: -c configs/demo.yaml (or a bundled name).")
+        raise ConfigError(
+            f"{args.command} needs a config: -c configs/demo.yaml (or a bundled name)."
+        )
     return load_config(args.config, args.overrides)
 
 
@@ -268,39 +283,6 @@ def _heatmaps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(cfg: Config) -> int:
-    """Pretrain on the embedded data, export, and probe the backbone against random init."""
-    result = pretraining.pretrain(cfg)
-    exported = export_checkpoint(result.last_checkpoint)
-    ckpt = str(result.last_checkpoint)
-    trained = probing.probe(ckpt, cfg, result.run_dir / "probe", title="QB-Heat pretrained")
-    random = probing.probe(
-        cfg.model.backbone,
-        cfg,
-        result.run_dir / "probe_random",
-        title="random init",
-    )
-    maps = explaining.run_heatmaps(
-        ckpt,
-        trained.out_dir / "linear_head.safetensors",
-        cfg,
-        result.run_dir / "heatmaps",
-        ["cam", "gradcam"],
-        num=12,
-    )
-    results = {"QB-Heat": trained.metrics["probes"], "random init": random.metrics["probes"]}
-    table = top1_table(results, cfg.probe.kinds)
-    print(
-        f"\nheatssl demo: pretrained {cfg.model.backbone} for {result.global_step} steps in "
-        f"{result.seconds:.0f} s, then probed it on {cfg.data.name} (val split):\n\n{table}\n\n"
-        f"  run folder:  {result.run_dir}\n  pictures:    {result.run_dir / 'pictures'}\n"
-        f"  backbone:    {exported}\n  probes:      {trained.out_dir}, {random.out_dir}\n"
-        f"  embedding:   {trained.out_dir / 'embedding.png'}\n"
-        f"  heat maps:   {maps.sheets['cam']} (and {maps.sheets['gradcam'].name})"
-    )
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``heatssl`` command."""
     parser = build_parser()
@@ -350,6 +332,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _heatmaps(args)
     if args.command == "finetune":
         return _finetune(args)
+    if args.command == "convert":
+        convert(_config(args).data, args.out, args.per_shard)
+        return 0
     if args.command == "reconstruct":
         out = args.out or RunLayout.of_checkpoint(args.checkpoint).reconstruction
         path = explaining.run_reconstruction(args.checkpoint, out, args.split, args.num)
@@ -380,7 +365,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 f"  next:       heatssl probe {result.last_checkpoint}"
             )
         return 0
-    return _demo(cfg)
+    run_demo(cfg)
+    return 0
 
 
 if __name__ == "__main__":

@@ -117,12 +117,33 @@ class LossConfig:
         """Nothing beyond the types: both keys are choices."""
 
 
+ROOTS = {
+    "imagefolder": "a folder with train/<class>/*.jpg (and optionally val/<class>/*.jpg); set "
+    "data.root=/path/to/dataset",
+    "hf": "a folder of Parquet or Arrow files, or a Hub dataset id in the local cache",
+    "webdataset": "a folder of .tar shards (or train/ and val/ of them), a brace pattern or a "
+    "list file",
+}
+"""The data sources that read files, and what their ``data.root`` names."""
+
+
 @dataclass
 class DataConfig:
     """Which images, at which size, through which loader."""
 
-    name: Literal["digits", "imagefolder", "cifar10", "stl10", "synthetic"] = "digits"
+    name: Literal["digits", "imagefolder", "cifar10", "stl10", "synthetic", "hf", "webdataset"] = (
+        "digits"
+    )
     root: str | None = None
+    # hf and webdataset: the training split, the validation split (null: found or held out), the
+    # columns (null: detected), streaming (hf), the val shards (webdataset), the shuffle buffer
+    split: str = "train"
+    val_split: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    streaming: bool = False
+    val_root: str | None = None
+    shuffle_buffer: int = 1000
     image_size: int = 32
     batch_size: int = 64
     num_workers: int | Literal["auto"] = "auto"  # loader processes (pil) or threads (dali)
@@ -176,11 +197,9 @@ class DataConfig:
                 self.synthetic_size,
                 ">= 10 (one image per class at least)",
             )
-        if self.name == "imagefolder" and not self.root:
-            raise ConfigError(
-                "data.name=imagefolder needs data.root: a folder with train/<class>/*.jpg "
-                "(and optionally val/<class>/*.jpg). Set data.root=/path/to/dataset."
-            )
+        if self.name in ROOTS and not self.root:
+            raise ConfigError(f"data.name={self.name} needs data.root: {ROOTS[self.name]}.")
+        positive("data", self, "shuffle_buffer")
 
 
 @dataclass

@@ -86,3 +86,16 @@ def write_odd_and_bad_images(folder, seed: int = 0) -> None:
     good = (folder / "rgb.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
     (folder / "notes.txt").write_text("ignored: not an image suffix")
+
+
+def write_image_folder(root, train: int = 8, val: int = 2, classes=("a", "b", "c"), seed: int = 0):
+    """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``: small distinct JPEGs."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("val", val)):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+    return root

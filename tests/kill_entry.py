@@ -47,6 +47,12 @@ class StepLog(L.Callback):
             time.sleep(float(os.environ["HEATSSL_STEP_SLEEP"]))
         with self.path.open("a") as f:
             f.write(f"{trainer.global_step} {float(batch[0].double().sum()):.6f}\n")
+        if os.environ.get("HEATSSL_IMAGE_LOG"):  # one checksum per image: which samples a rank saw
+            sums = batch[0].double().sum(dim=(1, 2, 3)).tolist()
+            with Path(f"{os.environ['HEATSSL_IMAGE_LOG']}.rank{trainer.global_rank}").open(
+                "a"
+            ) as f:
+                f.write(" ".join(f"{x:.1f}" for x in sums) + "\n")
 
 
 def _with_step_log(build_trainer):

@@ -3,7 +3,7 @@
 Layers, from the bottom: ``errors`` (with the console, the version floors and safe writing),
 ``model`` (torch + timm), the config, ``data``, ``runs`` (the floor every stage shares: run folders,
 sources, files, exports, the Trainer), then the stages ``train``, ``probing``, ``finetuning`` and
-``explain``, which import none of each other, and the CLI and the package's public names on top.
+``explain``, which import none of each other, and the CLI, the demo and the package's public names on top.
 Every ``import`` counts, also those inside functions.
 """
 
@@ -22,7 +22,7 @@ STAGES = ("train", "probing", "finetuning", "explain")
 RANK = {"errors": 0, "console": 0, "requirements": 0, "writing": 0}
 RANK.update({"model": 1, "config": 2, "data": 3, "runs": 4})
 RANK.update(dict.fromkeys(STAGES, 5))
-RANK.update({"cli": 6, "__init__": 6})
+RANK.update({"cli": 6, "demo": 6, "__init__": 6})
 LIMIT = 400  # lines per module, scripts included
 
 

@@ -8,7 +8,6 @@ resumed run skips exactly those batches.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from heatssl.config import DataConfig
 from heatssl.data.datasets import SPLITS, ImageFiles, collate_batch, torchvision_split
 from heatssl.data.labels import apply_label_fraction
+from heatssl.data.machine import auto_workers, check_fits_machine
 from heatssl.data.sampler import EpochSampler, seed_worker
+from heatssl.data.shards import ShardStream, StreamLoader
 from heatssl.data.transforms import build_transform
 from heatssl.errors import ArgumentError, CheckpointError, ConfigError
 
@@ -126,7 +127,7 @@ class HeatDataModule(L.LightningDataModule):
         return {
             "epoch": epoch,
             "batches_done": done,
-            "train_images": len(self.train_dataset),
+            "train_images": images_in(self.train_dataset),
             "world_size": trainer.world_size,
             "batch_size": self.cfg.batch_size,
         }
@@ -138,7 +139,7 @@ class HeatDataModule(L.LightningDataModule):
     def check_resume(self, saved: dict[str, int], world: int) -> None:
         """Before the run starts: refuse a checkpoint whose mid-epoch position cannot be found in
         these images over ``world`` processes (see :meth:`_check_resume`)."""
-        self._check_resume(saved, len(self.train_dataset), world, quiet=True)
+        self._check_resume(saved, images_in(self.train_dataset), world, quiet=True)
 
     def _check_resume(
         self, saved: dict[str, int], images: int, world: int, quiet: bool = False
@@ -195,6 +196,8 @@ class HeatDataModule(L.LightningDataModule):
         workers = self.num_workers
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        if isinstance(dataset, ShardStream):
+            return self._stream(dataset, train, rank, world, workers)
         sampler = EpochSampler(len(dataset), self.seed, shuffle=train, rank=rank, world=world)
         if train and self._resume:
             self._check_resume(self._resume, len(dataset), world)
@@ -216,6 +219,23 @@ class HeatDataModule(L.LightningDataModule):
             # one seed per process: each rank's workers draw their own augmentations
             generator=torch.Generator().manual_seed(self.seed + 100_003 * rank),
             collate_fn=collate_batch,
+        )
+
+    def _stream(
+        self, stream: ShardStream, train: bool, rank: int, world: int, workers: int
+    ) -> DataLoader:
+        """The loader of a shard stream: it batches itself; a resumed epoch skips exactly."""
+        stream.setup(rank, world, workers)
+        if train and self._resume:
+            self._check_resume(self._resume, stream.images, world)
+            stream.set_epoch(self._resume["epoch"])
+            stream.skip_next(self._resume["batches_done"])
+            self._resume = None
+        return StreamLoader(
+            stream,
+            num_workers=stream.workers if workers > 0 else 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=seed_worker,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -243,6 +263,11 @@ class HeatDataModule(L.LightningDataModule):
             dataset.transform = build_transform(self.cfg.image_size, train=False)
             if isinstance(dataset, ImageFiles):
                 dataset.fill = False  # an unreadable file is left out, not replaced by a neighbour
+        if isinstance(dataset, ShardStream):  # every record, in order, in batches of this size
+            stream = copy.copy(dataset)
+            stream.train, stream.batch_size = False, batch_size or self.cfg.batch_size
+            stream.setup(0, 1, self.num_workers)
+            return StreamLoader(stream, num_workers=self.num_workers)
         if self.cfg.backend == "dali":
             sampler = EpochSampler(len(dataset), shuffle=False)
             return self._dali(dataset, False, sampler, False, self.seed, batch_size)
@@ -305,71 +330,9 @@ class HeatDataModule(L.LightningDataModule):
         return None
 
 
-def cores_per_process(local_processes: int = 1) -> int:
-    """CPU cores this process may use: its affinity mask shared by the node's processes.
-
-    Under ``srun --cpus-per-task`` each task is already bound to its own cores, so they are not
-    divided again; otherwise (Lightning or torchrun starting several processes on one machine)
-    the node's cores are split between its ``local_processes``.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if per_task.isdigit() and cores <= int(per_task):
-        return cores
-    return max(1, cores // max(1, local_processes))
-
-
-WORKERS_PER_CORE = 4
-"""More loader processes than this per core only compete for the cores (and each holds memory)."""
-MEMORY_SHARE = 4
-"""A batch (as the model's float32 input) may take at most 1 / this of the machine's memory."""
-
-
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf: assume a small machine
-        return 8 * 1024**3
-
-
-def check_fits_machine(cfg: DataConfig) -> None:
-    """Refuse loader settings this machine cannot hold, naming the largest value that fits."""
-    cores = os.cpu_count() or 1
-    most = WORKERS_PER_CORE * cores
-    if cfg.num_workers != "auto" and cfg.num_workers > most:
-        raise ConfigError(
-            f"data.num_workers={cfg.num_workers}: this machine has {cores} CPU cores, and more "
-            f"than {WORKERS_PER_CORE} loader processes a core only compete for them: at most "
-            f"{most}. Use data.num_workers=auto ({auto_workers()} here) or a number up to {most}."
-        )
-    budget = _memory_bytes() / MEMORY_SHARE
-    per_image = 3 * cfg.image_size**2 * 4  # one image as the model's float32 input
-    gib = _memory_bytes() / 1024**3
-    if per_image > budget:
-        side = int((budget / 12) ** 0.5)
-        raise ConfigError(
-            f"data.image_size={cfg.image_size}: one image takes {per_image / 1024**3:.1f} GiB as "
-            f"the model's input and this machine has {gib:.1f} GiB of memory: at most "
-            f"data.image_size={side}."
-        )
-    if cfg.batch_size * per_image > budget:
-        raise ConfigError(
-            f"data.batch_size={cfg.batch_size}: a batch of {cfg.image_size} px images takes "
-            f"{cfg.batch_size * per_image / 1024**3:.1f} GiB as the model's input and this "
-            f"machine has {gib:.1f} GiB of memory: at most data.batch_size={int(budget // per_image)}."
-        )
-
-
-KEPT_CORES = 2
-"""Cores ``data.num_workers=auto`` leaves to the process itself: its training (or feeding) thread
-and the thread that pins batches for the GPU."""
-
-
-def auto_workers(local_processes: int = 1) -> int:
-    """``data.num_workers=auto``: the process's cores (:func:`cores_per_process`) less
-    :data:`KEPT_CORES`, at least one."""
-    return max(1, cores_per_process(local_processes) - KEPT_CORES)
+def images_in(dataset: Dataset) -> int:
+    """Images of a split: a dataset's length, a shard stream's records."""
+    return dataset.images if isinstance(dataset, ShardStream) else len(dataset)
 
 
 def build_datamodule(

@@ -10,6 +10,7 @@ feed the probes. ``digits`` (scikit-learn, bundled) and ``synthetic`` need no fi
 from __future__ import annotations
 
 import colorsys
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,20 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, index: int) -> Image.Image:
+    def source(self, index: int) -> Any:
+        """What :func:`~heatssl.data.images.read_image` opens for sample ``index``: its path here;
+        a source keeping images elsewhere (rows of a table) gives an open binary file."""
+        return self.samples[index][0]
+
+    def read(self, index: int, draft: Any = None) -> Image.Image:
         """The RGB image of sample ``index``; :class:`UnreadableImageError` if it cannot be decoded."""
-        return read_image(self.samples[index][0], max_pixels=self.max_pixels)
+        return read_image(self.source(index), draft, self.max_pixels, name=self.samples[index][0])
+
+    def select(self, indices: list[int]) -> ImageFiles:
+        """A copy holding the samples ``indices`` only (same transform and policy)."""
+        part = copy.copy(self)
+        part.samples = [self.samples[i] for i in indices]
+        return part
 
     def __getitem__(self, index: int) -> tuple[Any, int, list[str]]:
         skipped: list[str] = []
@@ -104,8 +116,7 @@ class ImageFiles(Dataset):
         for step in range(len(self.samples)):
             j = (index + step) % len(self.samples)
             try:
-                draft = getattr(self.transform, "draft", None)
-                image = read_image(self.samples[j][0], draft, self.max_pixels)
+                image = self.read(j, getattr(self.transform, "draft", None))
             except UnreadableImageError as err:
                 if self.on_bad == "error":
                     raise BadImageError(_bad_image_fix(str(err))) from err
@@ -333,11 +344,25 @@ def torchvision_splits(cfg: DataConfig, seed: int, train_tf: Any, val_tf: Any, *
     return train, torchvision_split(cfg, False, val_tf), list(train.classes)
 
 
+def _hf_splits(*args: Any, **kwargs: Any) -> Splits:
+    from heatssl.data.hf import hf_splits  # the optional datasets package, only when asked for
+
+    return hf_splits(*args, **kwargs)
+
+
+def _wds_splits(*args: Any, **kwargs: Any) -> Splits:
+    from heatssl.data.wds import wds_splits  # the optional webdataset package, only when asked for
+
+    return wds_splits(*args, **kwargs)
+
+
 SPLITS = {
     "digits": array_splits,
     "synthetic": array_splits,
     "imagefolder": imagefolder_splits,
     "cifar10": torchvision_splits,
     "stl10": torchvision_splits,
+    "hf": _hf_splits,
+    "webdataset": _wds_splits,
 }
 """How each ``data.name`` builds its train and val datasets (the config has checked the name)."""

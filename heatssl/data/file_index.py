@@ -18,8 +18,10 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -147,37 +149,19 @@ def _still_true(index: FolderIndex) -> bool:
     return True
 
 
-def _read(path: Path, root: str, classes: list[str] | None) -> FolderIndex | None:
-    """The index in ``path`` if it describes ``root`` (with ``classes``) as it is now, else None."""
+def _load(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the gzipped ``path``, or None when missing or unreadable."""
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             data = json.load(f)
-        if data.get("version") != INDEX_VERSION or data.get("root") != root:
-            return None
-        if classes is not None and data.get("classes") != list(classes):
-            return None
-        index = FolderIndex(
-            root=root,
-            classes=list(data["classes"]),
-            samples=[(os.path.join(root, rel), int(label)) for rel, label in data["samples"]],
-            dirs={str(k): int(v) for k, v in data["dirs"].items()},
-        )
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
+    except (OSError, ValueError, EOFError):
         return None
-    return index if _still_true(index) else None
+    return data if isinstance(data, dict) else None
 
 
-def _write(path: Path, index: FolderIndex) -> None:
-    """Write ``index`` to ``path`` atomically (a temporary name in the same folder, then rename)."""
+def _save(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary name in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    start = len(index.root.rstrip(os.sep)) + 1
-    data = {
-        "version": INDEX_VERSION,
-        "root": index.root,
-        "classes": index.classes,
-        "dirs": index.dirs,
-        "samples": [[p[start:], label] for p, label in index.samples],
-    }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=3) as f:
@@ -187,6 +171,53 @@ def _write(path: Path, index: FolderIndex) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def shared_index(
+    path: str | Path | None,
+    rank: int,
+    build: Callable[[], dict[str, Any]],
+    valid: Callable[[dict[str, Any]], bool],
+) -> dict[str, Any]:
+    """``build()`` once per state of the data, shared through the gzipped JSON file ``path``.
+
+    Without ``path`` it is built every call. With it, process 0 (``rank == 0``) reuses the file
+    while ``valid`` says it still describes the data, else builds and writes it; other processes
+    wait for process 0's file (while its ``.scanning`` marker says it is at work) and read it, and
+    build it themselves when neither appears within :data:`WAIT_FOR_START_S` (a run folder that is
+    not shared between nodes).
+    """
+    if path is None:
+        return build()
+    path = Path(path)
+    marker = path.with_name(path.name + ".scanning")
+
+    def found() -> dict[str, Any] | None:
+        data = _load(path)
+        try:
+            return data if data is not None and valid(data) else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    if rank == 0:
+        data = found()
+        if data is not None:
+            return data
+        path.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        try:
+            data = build()
+            _save(path, data)
+        finally:
+            marker.unlink(missing_ok=True)
+        return data
+    start = time.monotonic()
+    while (data := found()) is None:
+        waited = time.monotonic() - start
+        if waited > (WAIT_FOR_SCAN_S if marker.exists() else WAIT_FOR_START_S):
+            return build()
+        time.sleep(POLL_S)
+    return data
+
+
 def class_folder_index(
     root: str | Path,
     index_file: str | Path | None = None,
@@ -194,37 +225,33 @@ def class_folder_index(
     classes: list[str] | None = None,
     allow_empty: bool = False,
 ) -> FolderIndex:
-    """:func:`scan_class_folder`, scanned once per dataset state and shared through ``index_file``.
-
-    Without ``index_file`` every call scans. With it, process 0 (``rank == 0``) reuses the file when
-    it still describes the folder, else scans and writes it; other processes wait for process 0's
-    file (while its ``.scanning`` marker says it is at work) and read it, and scan themselves when
-    neither appears within :data:`WAIT_FOR_START_S` (a run folder that is not shared).
-    """
+    """:func:`scan_class_folder`, scanned once per dataset state and shared through ``index_file``
+    (:func:`shared_index`): reused while every folder it walked keeps its modification time."""
     root_s = str(root)
-    if index_file is None:
-        return scan_class_folder(root_s, classes, allow_empty)
-    path = Path(index_file)
-    marker = path.with_name(path.name + ".scanning")
-    if rank == 0:
-        found = _read(path, root_s, classes)
-        if found is not None:
-            return found
-        path.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
-        try:
-            index = scan_class_folder(root_s, classes, allow_empty)
-            _write(path, index)
-        finally:
-            marker.unlink(missing_ok=True)
-        return index
-    start = time.monotonic()
-    while True:
-        found = _read(path, root_s, classes)
-        if found is not None:
-            return found
-        waited = time.monotonic() - start
-        scanning = marker.exists()
-        if waited > (WAIT_FOR_SCAN_S if scanning else WAIT_FOR_START_S):
-            return scan_class_folder(root_s, classes, allow_empty)
-        time.sleep(POLL_S)
+    start = len(root_s.rstrip(os.sep)) + 1
+
+    def build() -> dict[str, Any]:
+        index = scan_class_folder(root_s, classes, allow_empty)
+        return {
+            "version": INDEX_VERSION,
+            "root": root_s,
+            "classes": index.classes,
+            "dirs": index.dirs,
+            "samples": [[p[start:], label] for p, label in index.samples],
+        }
+
+    def valid(data: dict[str, Any]) -> bool:
+        if data.get("version") != INDEX_VERSION or data.get("root") != root_s:
+            return False
+        if classes is not None and data.get("classes") != list(classes):
+            return False
+        dirs = {str(k): int(v) for k, v in data["dirs"].items()}
+        return _still_true(FolderIndex(root_s, [], [], dirs))
+
+    data = shared_index(index_file, rank, build, valid)
+    return FolderIndex(
+        root=root_s,
+        classes=list(data["classes"]),
+        samples=[(os.path.join(root_s, rel), int(label)) for rel, label in data["samples"]],
+        dirs={str(k): int(v) for k, v in data["dirs"].items()},
+    )

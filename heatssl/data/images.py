@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -65,21 +66,25 @@ def check_pixels(size: tuple[int, int], path: str | Path, max_pixels: int | None
 
 
 def read_image(
-    path: str | Path,
+    path: str | Path | BinaryIO,
     draft: Callable[[Image.Image], None] | None = None,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
+    name: str | None = None,
 ) -> Image.Image:
-    """The image at ``path``, fully decoded, upright (EXIF orientation) and RGB.
+    """The image at ``path`` (a file, or an open binary file such as a shard member's bytes), fully
+    decoded, upright (EXIF orientation) and RGB.
 
     Decoding happens here, not lazily later, so a truncated file fails in this call. Raises
-    :class:`UnreadableImageError` naming the file and the reason for anything PIL cannot decode,
-    and for an image of more than ``max_pixels`` pixels (judged from its header, before decoding).
-    ``draft`` sees the opened, not yet decoded image (its size is known) and may ask for a reduced
-    decode (``Image.draft``); it is skipped for files whose EXIF orientation rotates them.
+    :class:`UnreadableImageError` naming the file (``name`` where ``path`` is not one) and the
+    reason for anything PIL cannot decode, and for an image of more than ``max_pixels`` pixels
+    (judged from its header, before decoding). ``draft`` sees the opened, not yet decoded image
+    (its size is known) and may ask for a reduced decode (``Image.draft``); it is skipped for files
+    whose EXIF orientation rotates them.
     """
+    label = name or path
     try:
         with Image.open(path) as image:
-            check_pixels(image.size, path, max_pixels)
+            check_pixels(image.size, label, max_pixels)
             if draft is not None and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
                 draft(image)
             image.load()
@@ -87,7 +92,7 @@ def read_image(
             return to_rgb(upright)
     except DECODE_ERRORS as err:
         reason = str(err) or type(err).__name__
-        raise UnreadableImageError(f"{path}: {type(err).__name__}: {reason}") from err
+        raise UnreadableImageError(f"{label}: {type(err).__name__}: {reason}") from err
 
 
 def warn_unreadable(skipped: list[str], what: str = "Skipped", first: int = 10) -> None:

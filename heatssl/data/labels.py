@@ -27,6 +27,7 @@ from torchvision.datasets import CIFAR10, STL10, DatasetFolder
 
 from heatssl.config import DataConfig
 from heatssl.data.datasets import ArrayImageDataset, ImageFiles
+from heatssl.data.shards import ShardStream
 from heatssl.errors import ArgumentError, ConfigError
 
 LABEL_SUBSET_FILE = "label_subset.json"
@@ -168,12 +169,13 @@ def take(dataset: Dataset, indices: Sequence[int]) -> Dataset:
     picked = list(indices)
     if isinstance(dataset, Subset):
         return Subset(dataset.dataset, [dataset.indices[i] for i in picked])
+    if isinstance(dataset, ImageFiles):
+        return dataset.select(picked)
     part = copy.copy(dataset)
-    if isinstance(dataset, (ImageFiles, DatasetFolder)):
+    if isinstance(dataset, DatasetFolder):
         part.samples = [dataset.samples[i] for i in picked]
-        if isinstance(dataset, DatasetFolder):
-            part.targets = [label for _, label in part.samples]
-            part.imgs = part.samples
+        part.targets = [label for _, label in part.samples]
+        part.imgs = part.samples
         return part
     if isinstance(dataset, ArrayImageDataset):
         part.images, part.labels = dataset.images[picked], dataset.labels[picked]
@@ -199,6 +201,13 @@ def apply_label_fraction(
     ``out_dir`` by an earlier run is removed, so the folder never names a subset it did not use.
     """
     fraction = cfg.label_fraction
+    if fraction < 1.0 and isinstance(dataset, ShardStream):
+        raise ConfigError(
+            f"data.label_fraction={fraction:g} draws a class-balanced subset, which needs every "
+            f"image's label up front: data.name={cfg.name}"
+            f"{' with data.streaming=true' if cfg.streaming else ''} reads them as a stream. Use "
+            f"data.name=hf without streaming, an image folder, or data.label_fraction=1."
+        )
     if fraction >= 1.0:
         if out_dir is not None:
             (Path(out_dir) / LABEL_SUBSET_FILE).unlink(missing_ok=True)

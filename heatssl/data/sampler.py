@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import random
 import signal
 from collections.abc import Iterator
@@ -66,3 +68,24 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def _kill_workers_at_exit() -> None:
+    """Kill this process's daemonic children (loader workers) before multiprocessing joins them.
+
+    At exit, multiprocessing sends SIGTERM to daemonic children and then waits for them; workers
+    of :func:`seed_worker` ignore SIGTERM, so a script that leaves a loader open (a ``break`` out
+    of a persistent-worker loader) would wait forever. Registered after multiprocessing's own exit
+    hook, so it runs first. torch's SIGCHLD handler, which would report the killed workers as a
+    loader failure, is set back to the default first.
+    """
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+
+
+atexit.register(_kill_workers_at_exit)

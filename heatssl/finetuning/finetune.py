@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 
 from heatssl.config import Config, ConfigError, FinetuneConfig, effective_batch, save_config
+from heatssl.data.datamodule import images_in
 from heatssl.finetuning.classifier import FinetuneModule
 from heatssl.finetuning.data import FinetuneDataModule
 from heatssl.finetuning.recipe import check_scale, resolve
@@ -120,7 +121,7 @@ def finetune(
             scale = scale_line(run_cfg, trainer.num_devices, trainer.num_nodes, recipe.base_lr)
             print(
                 f"heatssl: fine-tuning {backbone.name} from {source} ({recipe.recipe} recipe, "
-                f"{recipe.epochs} epochs, {len(datamodule.train_dataset)} labelled images), "
+                f"{recipe.epochs} epochs, {images_in(datamodule.train_dataset)} labelled images), "
                 f"{scale}; folder {out}",
                 file=sys.stderr,
             )
@@ -152,8 +153,8 @@ def _metrics(
         "backbone": backbone.name,
         "recipe": dataclasses.asdict(recipe),
         "label_fraction": datamodule.cfg.label_fraction,
-        "train_images": len(datamodule.train_dataset),
-        "val_images": len(datamodule.val_dataset),
+        "train_images": images_in(datamodule.train_dataset),
+        "val_images": images_in(datamodule.val_dataset),
         "classes": datamodule.class_names,
         "epochs": history,
         "final": history[-1] if history else None,

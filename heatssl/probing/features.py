@@ -41,6 +41,9 @@ def planned_rows(loader: Any) -> int:
     (a DALI loader has no dataset), else :data:`FALLBACK_ROWS` (buffers then grow by doubling)."""
     for attr in ("dataset", "sampler"):
         part = getattr(loader, attr, None)
+        images = getattr(part, "images", None)  # a shard stream's length is in batches
+        if isinstance(images, int):
+            return images
         if part is not None and hasattr(part, "__len__"):
             return len(part)
     return FALLBACK_ROWS

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from heatssl.config import Config, config_keys, save_config
-from heatssl.data.datamodule import build_datamodule
+from heatssl.data.datamodule import build_datamodule, images_in
 from heatssl.errors import HeatSSLWarning
 from heatssl.probing.embedding import write_embedding
 from heatssl.probing.features import FeatureCache, build_cache, subset_rows
@@ -89,7 +89,7 @@ def probe(
     batch = max(cfg.data.batch_size, 128)
     train_loader = data.feature_dataloader("train", batch)
     val_loader = data.feature_dataloader("val", batch)
-    n_train, n_val = len(data.train_dataset), len(data.val_dataset)
+    n_train, n_val = images_in(data.train_dataset), images_in(data.val_dataset)
     tran1 = "tran1" in cfg.probe.kinds
     grid_rows = subset_rows(n_train, cfg.probe.tran1_max_images) if tran1 else None
     grids = grid_folder(cfg.probe.grid_dir, out) if tran1 else None
@@ -147,7 +147,7 @@ def probe(
         "train_images": len(cache.train),
         "val_images": len(cache.val),
         "label_fraction": cfg.data.label_fraction,
-        "labelled_images": len(data.train_dataset),
+        "labelled_images": images_in(data.train_dataset),
         "output_stride": backbone.create_kwargs.get("output_stride"),
         "feature_grid": list(cache.train.grid_shape),
         "extract_seconds": cache.seconds,
@@ -159,7 +159,7 @@ def probe(
     if cfg.data.label_fraction < 1.0:
         heading += (
             f", data.label_fraction={cfg.data.label_fraction:g} "
-            f"({len(data.train_dataset)} labelled images)"
+            f"({images_in(data.train_dataset)} labelled images)"
         )
     table = metrics_markdown(metrics, heading)
     write_text(out / "metrics.md", table)

@@ -89,6 +89,14 @@ class BadImageReport(L.Callback):
                 )
 
 
+def _train_images(data: Any) -> int | str:
+    """The training images of a data module: a shard stream's record count (it has no length)."""
+    if data is None:
+        return "?"
+    count = getattr(data.train_dataset, "images", None)
+    return count if isinstance(count, int) else len(data.train_dataset)
+
+
 class RunReport(L.Callback):
     """Says at the start what the run will do, and after a few steps how long it will take.
 
@@ -108,7 +116,7 @@ class RunReport(L.Callback):
             return
         params = sum(p.numel() for p in pl_module.parameters())
         per_epoch = trainer.num_training_batches
-        images = len(trainer.datamodule.train_dataset) if trainer.datamodule else "?"
+        images = _train_images(trainer.datamodule)
         budget = pl_module.cfg.trainer.max_time_seconds()
         if budget:
             length = f"for a time budget of {budget / 60:g} min"

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from heatssl.config import DataConfig
-from heatssl.data.datamodule import (
-    HeatDataModule,
-    auto_workers,
-    build_datamodule,
-    cores_per_process,
-)
+from heatssl.data.datamodule import HeatDataModule, build_datamodule
+from heatssl.data.machine import auto_workers
 from heatssl.errors import ConfigError
 from tests.data.checks import check_batch
 
@@ -129,30 +125,6 @@ def test_setup_twice_does_not_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_data_module_refuses_a_bad_section_built_in_python(changes: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         HeatDataModule(DataConfig(**changes))
-
-
-def test_auto_workers_are_the_cores_of_each_process(monkeypatch) -> None:
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    assert cores_per_process(1) == 16  # not capped at 8
-    assert cores_per_process(4) == 4  # four processes on one node share its cores
-    assert cores_per_process(32) == 1
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")  # srun bound this task to its 16 cores
-    assert cores_per_process(4) == 16
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")  # the mask is the node's: split it
-    assert cores_per_process(4) == 4
-    dm = HeatDataModule(DataConfig(name="digits", num_workers=3))
-    assert dm.num_workers == 3
-
-
-def test_auto_workers_leave_two_cores_to_the_training_and_pinning_threads(monkeypatch) -> None:
-    """Every core to loader workers left none for the training thread and the pin-memory thread."""
-    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    assert auto_workers(1) == 14 and auto_workers(2) == 6 and auto_workers(8) == 1
-    assert HeatDataModule(DataConfig(name="digits")).num_workers == 14
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    assert auto_workers(1) == 1  # at least one
 
 
 def test_a_worker_s_batch_is_written_into_shared_memory_once(monkeypatch) -> None:

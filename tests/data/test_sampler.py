@@ -25,3 +25,27 @@ def test_skip_next_leaves_out_the_first_samples_of_one_pass_only():
     sampler.skip_next(5)
     assert list(sampler) == full[5:]
     assert list(sampler) == full
+
+
+def test_a_script_that_leaves_a_persistent_loader_open_still_exits(tmp_path):
+    """Workers ignore SIGTERM (only the trainer acts on it), so multiprocessing's exit hook, which
+    terminates and then joins them, waited forever on a ``break`` out of the loader."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch.utils.data import DataLoader\n"
+        "from heatssl.data.sampler import seed_worker\n"
+        "loader = DataLoader(list(range(64)), batch_size=4, num_workers=2,\n"
+        "                    persistent_workers=True, worker_init_fn=seed_worker)\n"
+        "for batch in loader:\n"
+        "    break\n"
+        "print('left', flush=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "left"
+    assert "killed by signal" not in done.stderr

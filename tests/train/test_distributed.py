@@ -17,7 +17,7 @@ import torch
 from heatssl.cli import main
 from heatssl.config import CONFIG_DIR, load_config
 from heatssl.runs.build import build_backbone
-from tests.helpers import same_on_every_rank
+from tests.helpers import same_on_every_rank, write_image_folder
 
 ENTRY = Path(__file__).with_name("ddp_entry.py")
 
@@ -192,3 +192,67 @@ def test_finetuning_with_ema_under_two_process_ddp_scores_the_whole_val_split(fa
     assert len(metrics["epochs"]) == 1 and metrics["epochs"][0]["epoch"] == 1
     assert metrics["val_scored"] == metrics["val_images"] == 10  # 40 images: one per class held out
     assert (out / "model_timm" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def stream_sources(tmp_path_factory):
+    """The same 3 x 8 + 3 x 2 images as WebDataset shards (5 a shard) and as Parquet files."""
+    root = tmp_path_factory.mktemp("streams")
+    folder = write_image_folder(root / "folder")
+    args = ["convert", "-c", "demo", "data.name=imagefolder", f"data.root={folder}"]
+    assert main([*args, "-o", str(root / "shards"), "--per-shard", "5"]) == 0
+    datasets = pytest.importorskip("datasets")
+    for split, hf_split in (("train", "train"), ("val", "validation")):
+        files = sorted((folder / split).rglob("*.jpg"))
+        table = datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+                "label": ["abc".index(f.parent.name) for f in files],
+            },
+            features=datasets.Features(
+                {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])}
+            ),
+        )
+        for i in range(2 if split == "train" else 1):
+            part = table.shard(2 if split == "train" else 1, i, contiguous=True)
+            part.to_parquet(str(root / "parquet" / f"{hf_split}-{i:05d}.parquet"))
+    return {
+        "webdataset": ["data.name=webdataset", f"data.root={root / 'shards'}"],
+        "hf-streaming": ["data.name=hf", f"data.root={root / 'parquet'}", "data.streaming=true"],
+    }
+
+
+@pytest.mark.parametrize("source", ["webdataset", "hf-streaming"])
+def test_two_processes_stream_equal_batches_of_disjoint_images(source, stream_sources, tmp_path):
+    """Shard streams under 2 gloo processes: the same number of batches on each (or DDP would hang)
+    and no image on both."""
+    log = tmp_path / "images"
+    overrides = [
+        *same_on_every_rank(tmp_path / "run"),
+        *stream_sources[source],
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "trainer.max_epochs=1",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HEATSSL_STEP_LOG": str(tmp_path / "steps"),
+        "HEATSSL_IMAGE_LOG": str(log),
+    }
+    entry = Path(__file__).parents[1] / "kill_entry.py"
+    proc = subprocess.run(
+        [sys.executable, str(entry), "pretrain", "-c", "demo", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    seen = [Path(f"{log}.rank{r}").read_text().split() for r in (0, 1)]
+    # shards of 5, 5, 5, 5, 4 dealt as 14 and 10 images: 2 batches of 4 each (the smaller share's);
+    # two Parquet files of 12: 3 batches each
+    assert len(seen[0]) == len(seen[1]) == {"webdataset": 8, "hf-streaming": 12}[source]
+    assert not set(seen[0]) & set(seen[1])
