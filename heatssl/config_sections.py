@@ -146,8 +146,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     image_size: int = 32
     batch_size: int = 64
-    num_workers: int | Literal["auto"] = "auto"  # loader processes (pil) or threads (dali)
-    backend: Literal["pil", "dali"] = "pil"  # who decodes: PIL in worker processes, or NVIDIA DALI
+    num_workers: int | Literal["auto"] = "auto"  # loader processes, or threads (dali)
+    # who decodes: PIL in worker processes, NVIDIA DALI, or torchvision's decode_jpeg in the
+    # training process (on its GPU)
+    backend: Literal["pil", "dali", "torchvision"] = "pil"
     dali_device: Literal["auto", "cpu", "gpu"] = (
         "auto"  # dali: decode on the GPU when training on one
     )
@@ -172,10 +174,12 @@ class DataConfig:
             positive("data", self, "max_image_pixels")
         if self.num_workers != "auto":
             not_negative("data", self, "num_workers")
-        if self.backend == "dali" and self.name != "imagefolder":
+        if self.backend != "pil" and self.name != "imagefolder":
             raise ConfigError(
-                f"data.backend=dali decodes image files (data.name=imagefolder); "
-                f"data.name={self.name} is not a folder of image files. Set data.backend=pil."
+                f"data.backend={self.backend} decodes image files, so it needs "
+                f"data.name=imagefolder; data.name={self.name} is not a folder of image files "
+                f"(data.backend: pil for every source; dali, torchvision for imagefolder). "
+                f"Set data.backend=pil."
             )
         must(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
         must(

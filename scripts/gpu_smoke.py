@@ -77,7 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128, help="per-device batch")
     p.add_argument("--workers", default="auto", help="loader workers (dali: threads) or auto")
     p.add_argument(
-        "--backend", choices=["pil", "dali"], default="pil", help="dali: decode on the GPU"
+        "--backend",
+        choices=["pil", "torchvision", "dali"],
+        default="pil",
+        help="torchvision, dali: decode JPEGs on the GPU",
     )
     p.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     p.add_argument("--runs", default="bench_results/runs_gpu_smoke")
@@ -85,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps <= args.warmup or args.warmup < 0:
         p.error("--steps must be larger than --warmup (>= 0)")
-    if args.backend == "dali" and args.data == "synthetic":
-        p.error("--backend dali decodes image files: give --data an ImageFolder, not synthetic")
+    if args.backend != "pil" and args.data == "synthetic":
+        p.error(f"--backend {args.backend} decodes image files: give --data an ImageFolder")
     return args
 
 

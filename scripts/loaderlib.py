@@ -18,7 +18,7 @@ import shutil
 import statistics
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -129,10 +129,19 @@ def _epochs(loader: Any) -> Iterator[Any]:
         yield from loader
 
 
-def loader_rate(loader: Any, seconds: float, warmup: int, device: torch.device) -> dict[str, Any]:
+def loader_rate(
+    loader: Any,
+    seconds: float,
+    warmup: int,
+    device: torch.device,
+    decode: Callable[[Any, torch.device], Any] | None = None,
+) -> dict[str, Any]:
     """Images/s of ``loader`` alone: ``warmup`` batches (workers starting, the first prefetched
-    round) untimed, then batches until ``seconds`` have passed (at least three), across epochs."""
+    round) untimed, then batches until ``seconds`` have passed (at least three), across epochs;
+    ``decode`` finishes each batch on ``device`` as training would (``data.backend=torchvision``)."""
     batches = _epochs(loader)
+    if decode is not None:
+        batches = (decode(batch, device) for batch in batches)
     start = time.perf_counter()
     for _ in range(warmup):
         next(batches)
@@ -170,6 +179,6 @@ def loader_figures(
     if isinstance(loader, DataLoader):
         warmup = (loader.prefetch_factor or 1) * loader.num_workers + 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    figures = loader_rate(loader, seconds, warmup, device)
+    figures = loader_rate(loader, seconds, warmup, device, datamodule.decode)
     del loader  # its worker processes end with it
     return {"workers": workers, **figures}

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from heatssl.config import DataConfig
 from heatssl.data.datasets import SPLITS, ImageFiles, collate_batch, torchvision_split
+from heatssl.data.gpu_decode import JpegFiles, collate_encoded, decode_batch
 from heatssl.data.labels import apply_label_fraction
 from heatssl.data.machine import auto_workers, check_fits_machine
 from heatssl.data.sampler import EpochSampler, seed_worker
@@ -184,8 +185,8 @@ class HeatDataModule(L.LightningDataModule):
     # ----- loaders --------------------------------------------------------------------------
     @property
     def num_workers(self) -> int:
-        """Loader processes (pil) or decoding threads (dali): ``data.num_workers`` or, with
-        ``auto``, this process's CPU cores less two (see :func:`auto_workers`)."""
+        """Loader processes (pil, torchvision) or decoding threads (dali): ``data.num_workers`` or,
+        with ``auto``, this process's CPU cores less two (see :func:`auto_workers`)."""
         if self.cfg.num_workers != "auto":
             return int(self.cfg.num_workers)
         trainer = self.trainer
@@ -207,6 +208,10 @@ class HeatDataModule(L.LightningDataModule):
         if self.cfg.backend == "dali":
             drop_last = train and len(sampler) >= self.cfg.batch_size
             return self._dali(dataset, train, sampler, drop_last, seed=self.seed + 100_003 * rank)
+        collate: Any = collate_batch
+        if self.cfg.backend == "torchvision" and isinstance(dataset, ImageFiles):
+            # JPEGs stay encoded, decoded on the device by on_before_batch_transfer
+            dataset, collate = JpegFiles(dataset), collate_encoded
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
@@ -218,8 +223,24 @@ class HeatDataModule(L.LightningDataModule):
             worker_init_fn=seed_worker,
             # one seed per process: each rank's workers draw their own augmentations
             generator=torch.Generator().manual_seed(self.seed + 100_003 * rank),
-            collate_fn=collate_batch,
+            collate_fn=collate,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning's hook, in the training process: ``data.backend=torchvision`` decodes here."""
+        return self.decode(batch)
+
+    def decode(self, batch: Any, device: torch.device | None = None) -> Any:
+        """A train / val batch of ``data.backend=torchvision`` decoded onto ``device`` (default: the
+        trainer's, else the first GPU, else the CPU; see :mod:`heatssl.data.gpu_decode`); batches of
+        other backends, and the PIL-decoded ones of :meth:`feature_dataloader`, pass unchanged."""
+        if self.cfg.backend != "torchvision":
+            return batch
+        if device is None and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return decode_batch(batch, device, self.cfg.image_size, self.cfg.on_bad_image)
 
     def _stream(
         self, stream: ShardStream, train: bool, rank: int, world: int, workers: int

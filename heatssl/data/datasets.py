@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import colorsys
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +139,14 @@ def no_readable_file(samples: list[tuple[str, int]], reasons: list[str]) -> str:
     )
 
 
-def collate_batch(items: list[tuple[Any, ...]]) -> Batch:
+def collate_batch(
+    items: list[tuple[Any, ...]], stack: Callable[[list], Any] | None = None
+) -> Batch:
     """``(images [N, 3, S, S], labels [N], skipped files)`` from dataset items.
 
     Items are ``(image, label)`` or ``(image, label, skipped)``; items whose image is ``None`` (an
     unreadable file in an evaluation split) are left out, so ``N`` may be smaller than the batch,
-    even 0 (then ``images`` is an empty tensor).
+    even 0 (then ``images`` is an empty tensor). ``stack`` joins the images (default: one tensor).
     """
     images, labels, skipped = [], [], []
     for item in items:
@@ -152,7 +155,7 @@ def collate_batch(items: list[tuple[Any, ...]]) -> Batch:
         if item[0] is not None:
             images.append(item[0])
             labels.append(int(item[1]))
-    return _stack(images), torch.tensor(labels, dtype=torch.long), skipped
+    return (stack or _stack)(images), torch.tensor(labels, dtype=torch.long), skipped
 
 
 def _stack(images: list[Tensor]) -> Tensor:

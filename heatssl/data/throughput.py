@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -11,9 +14,16 @@ from heatssl.errors import ArgumentError
 
 
 def loader_throughput(
-    loader: DataLoader, batches: int = 50, warmup: int = 5, progress: bool = True
+    loader: DataLoader,
+    batches: int = 50,
+    warmup: int = 5,
+    progress: bool = True,
+    decode: Callable[[Any], Any] | None = None,
 ) -> dict[str, float]:
     """Images per second of the input pipeline alone (decode, augment, collate; no model).
+
+    ``decode`` finishes each batch in this process where the training process would
+    (``data.backend=torchvision``: :meth:`~heatssl.data.datamodule.HeatDataModule.decode`).
 
     ``warmup`` batches (worker start-up, first reads) are not timed. Compare the result with the
     training step's images/s: the pipeline must be faster, or the accelerator waits on it.
@@ -25,6 +35,8 @@ def loader_throughput(
     bar = tqdm(total=total, desc="loader", disable=not progress, leave=False)
     for i, batch in enumerate(loader):
         bar.update()
+        if decode is not None:
+            batch = decode(batch)
         if i == warmup:
             start = time.perf_counter()
         if i >= warmup:
@@ -33,6 +45,8 @@ def loader_throughput(
         if timed >= batches:
             break
     bar.close()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # work a decode queued on the GPU counts
     seconds = time.perf_counter() - start
     if timed == 0:
         raise ArgumentError(

@@ -76,12 +76,23 @@ class CropResize:
         scale = width / result[1][2] if result else 1.0
         self._pending = (image.size, tuple(v / scale for v in box))  # type: ignore[assignment]
 
+    def box_and_flip(self, image: Image.Image) -> tuple[Box, bool]:
+        """For a decoder elsewhere: the crop box in ``image``'s full-size pixels (only its size is
+        read) and the flip, drawn as :meth:`draft` and :meth:`__call__` draw them for PIL."""
+        self._pending = None
+        box = self.plan(image)
+        return box, self.flip()
+
+    def flip(self) -> bool:
+        """Whether to mirror this image: drawn after :meth:`plan` (training only, probability 1/2)."""
+        return self.train and torch.rand(1).item() < 0.5
+
     def __call__(self, image: Image.Image) -> Tensor:
         pending, self._pending = self._pending, None
         image = to_rgb(image)
         box = pending[1] if pending and pending[0] == image.size else self.plan(image)
         out = image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
-        if self.train and torch.rand(1).item() < 0.5:
+        if self.flip():
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 

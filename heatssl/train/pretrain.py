@@ -113,5 +113,9 @@ def benchmark_loader(cfg: Config, batches: int = 50, warmup: int = 5) -> dict[st
     datamodule.local_processes = planned_devices(cfg)
     datamodule.setup("fit")
     return loader_throughput(
-        datamodule.train_dataloader(), batches, warmup, progress=cfg.trainer.progress_bar
+        datamodule.train_dataloader(),
+        batches,
+        warmup,
+        progress=cfg.trainer.progress_bar,
+        decode=datamodule.decode,
     )

@@ -80,9 +80,9 @@ def test_all_bad_or_empty_dataset_stops_before_training(tmp_path):
         _data(tmp_path / "empty").setup()
 
 
-@pytest.mark.parametrize("backend", ["pil", "dali"])
+@pytest.mark.parametrize("backend", ["pil", "dali", "torchvision"])
 def test_pretraining_reports_the_bad_files_each_epoch(tmp_path, capsys, backend):
-    """Both backends, through Lightning: same steps, same files named, every epoch."""
+    """Every backend, through Lightning: same steps, same files named, every epoch."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     root = _folder(tmp_path / "data")
