@@ -1,7 +1,7 @@
 """Input pipeline vs training step, and 2-process DDP vs one process, on this machine.
 
-Four figures for one recipe (default: ``imagenette``, resnet18 at 64 px, on
-``../shared/data/imagenette-128``):
+Four figures for each recipe of ``--configs`` (default: ``imagenette``, resnet18 at 64 px, and
+``imagenette_vit``, vit_tiny/8 at 64 px, on ``../shared/data/imagenette-128``):
 
 * ``loader``: images/s of the training loader alone (JPEG decode, random resized crop, flip,
   normalise, collate) with ``--workers`` worker processes, no model (``heatssl pretrain
@@ -21,14 +21,18 @@ the bottleneck when ``loader`` is well above ``train_step``, and ``pretrain_1pro
 Usage::
 
     python scripts/bench_pipeline.py                      # writes results/pipeline.json
+
+The JSON holds a table for ``scripts/tables.py`` (docs/benchmarks.md) and the raw figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import machine
+from benchlib import CpuLoad, machine
 
 from heatssl.config import load_config
 from heatssl.data.datamodule import build_datamodule
@@ -50,13 +54,13 @@ from heatssl.train.pretrain_module import HeatPretrainModule
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="imagenette")
+    p.add_argument("--configs", nargs="+", default=["imagenette", "imagenette_vit"])
     p.add_argument("--data", default="../shared/data/imagenette-128", help="ImageFolder root")
     p.add_argument("--workers", type=int, default=2, help="loader workers (one process)")
     p.add_argument("--loader-batches", type=int, default=40)
     p.add_argument("--steps", type=int, default=20, help="timed in-memory training steps")
-    p.add_argument("--short", type=int, default=10, help="batches of the short pretraining run")
-    p.add_argument("--long", type=int, default=40, help="batches of the long pretraining run")
+    p.add_argument("--short", type=int, default=20, help="batches of the short pretraining run")
+    p.add_argument("--long", type=int, default=100, help="batches of the long pretraining run")
     p.add_argument("--out", default="results/pipeline.json")
     return p.parse_args(argv)
 
@@ -135,30 +139,69 @@ def pretrain_throughput(args: argparse.Namespace, ddp: bool) -> dict[str, float]
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Measure, print and save the four throughputs."""
-    args = parse_args(argv)
-    report: dict[str, Any] = {
-        "machine": machine(),
-        "args": vars(args),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """The four throughputs of the recipe ``args.config``, and their ratios."""
+    report: dict[str, Any] = {}
     report["loader"] = run.benchmark_loader(_config(args), args.loader_batches)
     report["train_step"] = train_step_throughput(args)
     report["pretrain_1proc"] = pretrain_throughput(args, ddp=False)
     report["pretrain_ddp2"] = pretrain_throughput(args, ddp=True)
-    loader, step = report["loader"]["images_per_second"], report["train_step"]["images_per_second"]
-    report["loader_over_step"] = loader / step
+    for key in ("loader", "train_step", "pretrain_1proc", "pretrain_ddp2"):
+        print(f"{args.config} {key:>15}: {report[key]['images_per_second']:7.1f} images/s")
+    step = report["train_step"]["images_per_second"]
+    report["loader_over_step"] = report["loader"]["images_per_second"] / step
+    report["pretrain_1proc_over_step"] = report["pretrain_1proc"]["images_per_second"] / step
     one = report["pretrain_1proc"]["images_per_second"]
     report["ddp2_over_1proc"] = report["pretrain_ddp2"]["images_per_second"] / one
-    out.write_text(json.dumps(report, indent=2))
-    for key in ("loader", "train_step", "pretrain_1proc", "pretrain_ddp2"):
-        print(f"{key:>15}: {report[key]['images_per_second']:7.1f} images/s")
-    print(
-        f"loader / step: {report['loader_over_step']:.2f}x; DDP 2 / 1 process: "
-        f"{report['ddp2_over_1proc']:.2f}x; written {out}"
-    )
+    return report
+
+
+def _row(config: str, r: dict[str, Any]) -> dict[str, str]:
+    def rate(key: str) -> str:
+        return f"{r[key]['images_per_second']:.0f}"
+
+    return {
+        "config": f"`{config}`",
+        "loader": f"{rate('loader')} ({r['loader_over_step']:.1f}x the step)",
+        "step": rate("train_step"),
+        "pretrain": f"{rate('pretrain_1proc')} ({r['pretrain_1proc_over_step']:.2f}x the step)",
+        "ddp2": f"{rate('pretrain_ddp2')} ({r['ddp2_over_1proc']:.2f}x)",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every recipe, print the figures and save the JSON (table and raw figures)."""
+    args = parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load = CpuLoad()
+    raw = {}
+    for config in args.configs:
+        args.config = config
+        raw[config] = measure(args)
+    del args.config
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    provenance = {
+        "command": "python " + shlex.join(["scripts/bench_pipeline.py", *(argv or sys.argv[1:])]),
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "heatssl_commit": f"{commit.strip()} (with the working tree's changes, if any)",
+        "machine": machine(),
+        "others_cpu_share": load.foreign_fraction(),
+        "args": vars(args),
+        "units": "images/s; the loader and the step each alone, pretraining end to end",
+    }
+    columns = [
+        {"key": "config", "header": "recipe (`-c`)"},
+        {"key": "loader", "header": f"loader alone, {args.workers} workers"},
+        {"key": "step", "header": "training step alone"},
+        {"key": "pretrain", "header": "`heatssl pretrain`, 1 process"},
+        {"key": "ddp2", "header": "2 DDP processes (vs 1)"},
+    ]
+    rows = [_row(config, r) for config, r in raw.items()]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = {"provenance": provenance, "columns": columns, "rows": rows, "raw": raw}
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    print(f"written {out}")
     return 0
 
 
