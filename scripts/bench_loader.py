@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from benchlib import CpuLoad, machine
+from benchlib import CpuLoad, machine, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +40,10 @@ CHILD = r"""
 import json, sys, time
 import torch
 from heatssl.config import load_config
-from heatssl.data.datamodule import build_datamodule
+try:
+    from heatssl.data.datamodule import build_datamodule
+except ImportError:  # the 'before' revision's name for the module
+    from heatssl.data.module import build_datamodule
 from heatssl.data.throughput import loader_throughput
 args = json.loads(sys.argv[1])
 cfg = load_config("demo", args["overrides"])
@@ -81,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_child(src: Path, overrides: list[str], args: argparse.Namespace, normalise: bool) -> dict:
+def loader_child(
+    src: Path, overrides: list[str], args: argparse.Namespace, normalise: bool
+) -> dict:
     """One loader measurement in a fresh process importing heatssl from ``src``."""
     spec = {
         "overrides": overrides,
@@ -89,24 +92,12 @@ def run_child(src: Path, overrides: list[str], args: argparse.Namespace, normali
         "warmup": args.warmup,
         "normalise": normalise,
     }
-    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(spec)],
-        env=env,
-        cwd=src,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"loader child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return run_child(CHILD, spec, src)
 
 
 def measure(src: Path, overrides: list[str], args: argparse.Namespace, normalise=False) -> dict:
     """Median images/s over ``--repeats`` fresh loaders."""
-    runs = [run_child(src, overrides, args, normalise) for _ in range(args.repeats)]
+    runs = [loader_child(src, overrides, args, normalise) for _ in range(args.repeats)]
     rates = [r["images_per_second"] for r in runs]
     return {"images_per_second": statistics.median(rates), "repeats": rates}
 

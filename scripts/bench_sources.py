@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import CpuLoad, machine
+from benchlib import CpuLoad, machine, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,24 +107,6 @@ def write_parquet(data: Path, out: Path, per_file: int) -> float:
     return time.perf_counter() - start
 
 
-def run_child(overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """One loader in a fresh process: seconds to its first batch and images/s after warm-up."""
-    spec = {"overrides": overrides, "batches": args.batches, "warmup": args.warmup}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(spec)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"loader child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
-
-
 def table(raw: dict[str, Any], prep: dict[str, float], provenance: dict[str, Any]) -> dict:
     """The results JSON: provenance, the docs' columns and rows (strings as printed), raw figures."""
     rows = []
@@ -189,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.num_workers={args.workers}",
                 *extra,
             ]
-            runs = [run_child(overrides, args) for _ in range(args.repeats)]
+            spec = {"overrides": overrides, "batches": args.batches, "warmup": args.warmup}
+            runs = [run_child(CHILD, spec, ROOT) for _ in range(args.repeats)]
             raw[key] = {
                 "images_per_second": statistics.median(r["images_per_second"] for r in runs),
                 "first_batch_s": statistics.median(r["first_batch_s"] for r in runs),

@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -102,3 +104,21 @@ def peak_rss_gib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+def run_child(code: str, spec: dict[str, Any], src: Path, timeout: float = 1800) -> dict[str, Any]:
+    """Run ``code`` in a fresh Python importing heatssl from ``src``, with ``spec`` as JSON in
+    ``sys.argv[1]``; its last ``RESULT {json}`` line, parsed (a failure raises with its stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        env=env,
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
