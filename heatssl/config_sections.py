@@ -18,8 +18,9 @@ from heatssl.errors import ArgumentError, ConfigError
 from heatssl.model.backbone import OUTPUT_STRIDES, check_model_args
 from heatssl.model.decoder import DecoderNorm
 from heatssl.model.heat import InitRule, PredictorKind, StepRule
-from heatssl.model.qbheat import LossRegion
+from heatssl.model.qbheat import LossRegion, Target
 from heatssl.model.quadrants import QuadrantChoice
+from heatssl.model.teacher import LatentLoss
 
 
 def must(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -108,13 +109,25 @@ class DecoderConfig:
 
 @dataclass
 class LossConfig:
-    """Where and on what the pixel reconstruction is scored."""
+    """Where and on what the pixel reconstruction is scored, and the optional EMA-teacher target."""
 
     region: LossRegion = "masked"
     norm_pix: bool = True
+    target: Target = "pixels"  # pixels (the paper), teacher (an EMA teacher's grid) or both
+    teacher_weight: float = 1.0
+    pixel_weight: float = 1.0
+    latent_loss: LatentLoss = "smooth_l1"
+    teacher_momentum: float = 0.996  # at the start; a cosine schedule takes it to 1
 
     def validate(self) -> None:
-        """Nothing beyond the types: both keys are choices."""
+        """Weights are not negative and the momentum is in [0, 1] (the rest are choices)."""
+        not_negative("loss", self, "teacher_weight", "pixel_weight")
+        must(
+            0.0 <= self.teacher_momentum <= 1.0,
+            "loss.teacher_momentum",
+            self.teacher_momentum,
+            "in [0, 1] (e.g. 0.996; 1 freezes the teacher)",
+        )
 
 
 ROOTS = {

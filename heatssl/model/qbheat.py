@@ -24,9 +24,18 @@ from heatssl.model.quadrants import (
     quadrant_ids,
     quadrant_mask,
 )
+from heatssl.model.teacher import (
+    EmaTeacher,
+    LatentLoss,
+    check_momentum,
+    feature_spread,
+    latent_loss,
+)
 
 LossRegion = Literal["masked", "full"]
 """Pixels the reconstruction loss scores: the three ``masked`` quadrants or the ``full`` image."""
+Target = Literal["pixels", "teacher", "both"]
+"""What the extrapolated grid is trained to match: pixels (the paper), an EMA teacher's grid, both."""
 
 
 def patch_normalize(images: Tensor, patch: int, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,6 +75,8 @@ class QBHeatOutput:
     pred: Tensor  # decoder output, in the target's space (normalised patches when norm_pix)
     quadrant: Tensor
     block: Tensor  # the encoder's grid of the kept quarter (N, d, h, w)
+    latent: Tensor | None = None  # the loss against the EMA teacher's grid (target teacher / both)
+    teacher_spread: Tensor | None = None  # batch std of the teacher's pooled grid: ~0 = collapse
 
 
 class QBHeat(nn.Module):
@@ -91,6 +102,18 @@ class QBHeat(nn.Module):
             :class:`ConvDecoder`.
         region: ``masked`` (the three masked quadrants) or ``full`` (whole image) for the pixel loss.
         norm_pix: Score against per-patch standardised pixels (patch = one grid cell).
+        target: ``pixels`` (the paper), ``teacher`` or ``both``. ``teacher``: the extrapolated
+            grid regresses, on the three hidden quadrants' cells, the whole image's grid of an EMA
+            teacher (:mod:`heatssl.model.teacher`; the projected grid with ``heat_dim``). The
+            decoder is still built and trained, on the *detached* grid, so pictures stay
+            meaningful and every parameter gets a gradient (DDP), but no pixel gradient reaches the
+            encoder or the predictor. ``both``: ``pixel_weight * rec + teacher_weight * latent``.
+        teacher_weight, pixel_weight: Weights of the latent and the pixel loss (with a teacher;
+            ``pixels`` keeps the paper's loss as it is).
+        latent_loss: ``smooth_l1`` or ``cosine`` per cell (:func:`~heatssl.model.teacher.latent_loss`).
+        teacher_momentum: The teacher's EMA momentum at the start; its schedule rises to 1
+            (:func:`~heatssl.model.teacher.teacher_momentum`). The caller runs :meth:`update_teacher`
+            after each optimiser step. The heat residual stays on the student's grid.
     """
 
     def __init__(
@@ -111,10 +134,23 @@ class QBHeat(nn.Module):
         decoder_norm: DecoderNorm = "batch",
         region: LossRegion = "masked",
         norm_pix: bool = True,
+        target: Target = "pixels",
+        teacher_weight: float = 1.0,
+        pixel_weight: float = 1.0,
+        latent_loss: LatentLoss = "smooth_l1",
+        teacher_momentum: float = 0.996,
     ) -> None:
         super().__init__()
         check_choice("region", region, LossRegion)
         check_choice("quadrant", quadrant, QuadrantChoice)
+        check_choice("target", target, Target)
+        check_choice("latent_loss", latent_loss, LatentLoss)
+        check_momentum(teacher_momentum)
+        for name, value in (("teacher_weight", teacher_weight), ("pixel_weight", pixel_weight)):
+            if not value >= 0:
+                raise ArgumentError(
+                    f"{name}={value!r} must be >= 0: a loss weight. Fix: e.g. {name}=1.0."
+                )
         if heat_dim is not None and heat_dim <= 0:
             raise ArgumentError(
                 f"heat_dim={heat_dim}: must be a positive number of channels, or None for the "
@@ -149,6 +185,17 @@ class QBHeat(nn.Module):
         self.commute_probes = commute_probes
         self.quadrant, self.heat_weight, self.commute_weight = quadrant, heat_weight, commute_weight
         self.region, self.norm_pix = region, norm_pix
+        self.target_kind, self.latent_kind = target, latent_loss
+        self.teacher_weight, self.pixel_weight = teacher_weight, pixel_weight
+        self.teacher_momentum = teacher_momentum
+        # Built last, from the initial student: nothing at all with pixel targets.
+        self.teacher = EmaTeacher(backbone, self.project) if target != "pixels" else None
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """Move the EMA teacher toward the student (after an optimiser step); no-op without one."""
+        if self.teacher is not None:
+            self.teacher.update(self.backbone, self.project, momentum)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay besides biases and norms: the heat operators, the
@@ -178,10 +225,19 @@ class QBHeat(nn.Module):
             q = quadrant_ids(quadrant, n, images.device)
         block = self.backbone(crop_quadrant(images, q), quadrant=q)  # ViTs: own positions
         z = self.project(block)
-        pred = self.decoder(self.predictor(z, q, check=False))  # q is valid by now
+        grid = self.predictor(z, q, check=False)  # q is valid by now
+        latent = spread = None
+        if self.teacher is not None:
+            goal = self.teacher(images)
+            latent = latent_loss(grid, goal, q, self.latent_kind)
+            spread = feature_spread(goal)
+        # target=teacher: the decoder learns from the detached grid, as a probe of it
+        pred = self.decoder(grid.detach() if self.target_kind == "teacher" else grid)
         weight = quadrant_mask(q, h, w) if self.region == "masked" else None
         rec = reconstruction_loss(pred, self.target(images), weight)
         loss, heat, commute = rec, None, None
+        if latent is not None:
+            loss = self.pixel_weight * rec + self.teacher_weight * latent
         if self.heat_loss is not None and self.heat_weight > 0:
             heat = self.heat_loss(z)
             loss = loss + self.heat_weight * heat
@@ -192,7 +248,7 @@ class QBHeat(nn.Module):
         ):
             commute = self.heat_loss.operators.commutator(self.commute_probes)
             loss = loss + self.commute_weight * commute
-        return QBHeatOutput(loss, rec, heat, commute, pred, q, block)
+        return QBHeatOutput(loss, rec, heat, commute, pred, q, block, latent, spread)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,11 @@ MODEL_KEYS = {
 QBHEAT_KEYS = {
     **{k: f"heat.{k}" for k in ("predictor", "step", "init", "quadrant")},
     **{k: f"decoder.{k}" for k in ("depth", "upsample_blocks", "norm")},
-    "region": "loss.region",
+    **{
+        k: f"loss.{k}"
+        for k in ("region", "target", "teacher_weight", "pixel_weight", "latent_loss")
+    },
+    "teacher_momentum": "loss.teacher_momentum",
     "heat_dim": "heat.dim",
 }
 """The arguments QB-Heat, its predictor and its decoder name in errors, and their config keys."""
@@ -67,4 +71,9 @@ def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
             decoder_norm=d.norm,
             region=lo.region,
             norm_pix=lo.norm_pix,
+            target=lo.target,
+            teacher_weight=lo.teacher_weight,
+            pixel_weight=lo.pixel_weight,
+            latent_loss=lo.latent_loss,
+            teacher_momentum=lo.teacher_momentum,
         )

@@ -32,6 +32,7 @@ from heatssl.model.optim import (
     weight_decay_groups,
 )
 from heatssl.model.quadrants import crop_quadrant
+from heatssl.model.teacher import teacher_momentum
 from heatssl.runs.build import MODEL_KEYS, build_qbheat
 from heatssl.runs.callbacks import batches_seen
 from heatssl.runs.figures import reconstruction_images
@@ -131,7 +132,11 @@ class HeatPretrainModule(L.LightningModule):
             parts["train/heat"] = out.heat
         if out.commute is not None:
             parts["train/commute"] = out.commute
+        if out.latent is not None:
+            parts["train/latent"] = out.latent
         self._watch_loss(parts)
+        if out.teacher_spread is not None:  # a diagnostic, not a loss: not watched for NaN
+            parts["train/teacher_spread"] = out.teacher_spread
         self.log_dict(parts, prog_bar=False, sync_dist=False, batch_size=images.shape[0])
         self.last_loss = out.loss.detach()  # the progress bar reads it when it refreshes
         if self.online is None:
@@ -177,6 +182,25 @@ class HeatPretrainModule(L.LightningModule):
             f"{self.cfg.optim.base_lr:g}), keep trainer.gradient_clip_val set, or train in full "
             f"precision (trainer.precision=32-true; now {self.cfg.trainer.precision}); then --resume."
         )
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser's step, then the EMA teacher's (when ``loss.target`` has one): once per
+        real optimiser step, so gradient accumulation does not speed the teacher up."""
+        super().optimizer_step(*args, **kwargs)
+        if self.qbheat.teacher is not None:
+            self.qbheat.update_teacher(
+                teacher_momentum(self.cfg.loss.teacher_momentum, self._progress())
+            )
+
+    def _progress(self) -> float:
+        """How far training is, 0..1: by the clock under ``trainer.max_time`` (as the lr schedule),
+        else optimiser steps over the estimated total."""
+        budget = self.cfg.trainer.max_time_seconds()
+        if budget:
+            timer = next(c for c in self.trainer.callbacks if isinstance(c, Timer))
+            return timer.time_elapsed("train") / budget
+        total = float(self.trainer.estimated_stepping_batches)
+        return self.global_step / total if 0 < total < float("inf") else 0.0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Read the non-finite flag every ``trainer.log_every_n_steps`` batches (a host sync)."""

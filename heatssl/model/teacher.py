@@ -1,0 +1,128 @@
+"""Latent targets from an EMA teacher (data2vec / I-JEPA style) for QB-Heat's extrapolated grid.
+
+- :class:`EmaTeacher`: a frozen copy of the student's backbone and projection whose weights follow
+  the student's as an exponential moving average, :meth:`EmaTeacher.update` after every optimiser step.
+- :func:`teacher_momentum`: the momentum schedule, cosine from ``m0`` to 1 over training (BYOL).
+- :func:`latent_loss`: the student's extrapolated grid against the teacher's whole-image grid, on the
+  three hidden quadrants' cells only, targets standardised per cell over channels (data2vec).
+- :func:`feature_spread`: the batch spread of pooled features, ~0 when the teacher has collapsed.
+
+The teacher always runs in eval mode: its BatchNorm layers use running statistics, copied from the
+student with every update (the student's statistics are already averages over batches), so a target
+never depends on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from heatssl.errors import ArgumentError, check_choice
+from heatssl.model.quadrants import quadrant_mask
+
+LatentLoss = Literal["smooth_l1", "cosine"]
+"""How a predicted cell is scored against the teacher's: ``smooth_l1`` (data2vec) or ``cosine``."""
+
+
+def check_momentum(momentum: float, name: str = "teacher_momentum") -> None:
+    """Refuse a momentum outside [0, 1] (0: the teacher is the student; 1: it never moves)."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ArgumentError(
+            f"{name}={momentum!r} must be in [0, 1]: the share of the teacher kept at each update "
+            f"(BYOL / data2vec use 0.99 to 0.9999). Fix: e.g. {name}=0.996."
+        )
+
+
+def teacher_momentum(base: float, progress: float) -> float:
+    """The EMA momentum at ``progress`` (0..1, clamped) of training: ``1 - (1 - base) *
+    (cos(pi * progress) + 1) / 2``, from ``base`` at the start to 1 at the end (BYOL)."""
+    check_momentum(base, "base")
+    t = min(1.0, max(0.0, float(progress)))
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * t) + 1.0) / 2.0
+
+
+class EmaTeacher(nn.Module):
+    """A frozen copy of ``backbone`` and ``project`` that follows them as a moving average.
+
+    Every parameter has ``requires_grad=False`` (no optimiser or DDP ever sees it) and the module
+    stays in eval mode whatever ``train()`` asks. A submodule of QB-Heat, so checkpoints hold it.
+    """
+
+    def __init__(self, backbone: nn.Module, project: nn.Module) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone)
+        self.project = copy.deepcopy(project)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EmaTeacher:
+        """Stay in eval mode: targets use BatchNorm's running statistics, never the batch's."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """The teacher's projected grid of the whole images (N, dim, 2h, 2w), without gradient."""
+        return self.project(self.backbone(images))
+
+    @torch.no_grad()
+    def update(self, backbone: nn.Module, project: nn.Module, momentum: float) -> None:
+        """``t = momentum * t + (1 - momentum) * s`` for every parameter; buffers are copied.
+
+        ``backbone`` and ``project`` are the student's; they must have the teacher's structure.
+        """
+        check_momentum(momentum, "momentum")
+        mine = [*self.backbone.parameters(), *self.project.parameters()]
+        theirs = [*backbone.parameters(), *project.parameters()]
+        if len(mine) != len(theirs):
+            raise ArgumentError(
+                f"the student has {len(theirs)} parameter tensors, the teacher {len(mine)}: an EMA "
+                f"teacher follows the model it was copied from. Fix: build the teacher from it."
+            )
+        if mine:
+            torch._foreach_mul_(mine, momentum)
+            torch._foreach_add_(mine, [s.detach() for s in theirs], alpha=1.0 - momentum)
+        own = [*self.backbone.buffers(), *self.project.buffers()]
+        for t, s in zip(own, [*backbone.buffers(), *project.buffers()], strict=True):
+            t.copy_(s)
+
+
+def standardize_cells(grid: Tensor, eps: float = 1e-6) -> Tensor:
+    """Each cell of (N, C, H, W) standardised over its channels (layer norm without affine)."""
+    return F.layer_norm(grid.float().movedim(1, -1), (grid.shape[1],), eps=eps).movedim(-1, 1)
+
+
+def latent_loss(pred: Tensor, target: Tensor, quadrant: Tensor, kind: LatentLoss) -> Tensor:
+    """Mean loss over the three hidden quadrants' cells of ``pred`` against ``target``.
+
+    ``pred`` is the student's extrapolated grid, ``target`` the teacher's whole-image grid, both
+    (N, dim, 2h, 2w); the target is standardised per cell (:func:`standardize_cells`).
+    ``smooth_l1`` averages over channels, ``cosine`` scores ``1 - cos`` per cell.
+    """
+    check_choice("latent_loss", kind, LatentLoss)
+    if pred.shape != target.shape:
+        raise ArgumentError(
+            f"the teacher's grid {list(target.shape)} is not the prediction's "
+            f"{list(pred.shape)}: the whole image's grid must be twice the kept quarter's in each "
+            f"direction. Fix: an image size whose quarter the backbone divides evenly (a multiple "
+            f"of 2 x its reduction), or target='pixels'."
+        )
+    goal = standardize_cells(target.detach())
+    p = pred.float()
+    if kind == "smooth_l1":
+        err = F.smooth_l1_loss(p, goal, reduction="none").mean(dim=1, keepdim=True)
+    else:
+        err = 1.0 - F.cosine_similarity(p, goal, dim=1, eps=1e-6).unsqueeze(1)
+    weight = quadrant_mask(quadrant, pred.shape[-2], pred.shape[-1])
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def feature_spread(grid: Tensor) -> Tensor:
+    """Mean over channels of the std over the batch of the spatially pooled ``grid`` (N, C, H, W):
+    ~0 when every image gets the same features (a collapsed teacher)."""
+    pooled = grid.detach().float().mean(dim=(-2, -1))
+    return pooled.std(dim=0, unbiased=False).mean()

@@ -1,0 +1,235 @@
+"""Tests for heatssl.model.teacher: the EMA teacher, its momentum schedule, the latent loss, and
+QB-Heat's ``target=teacher / both`` end to end (model, config, a Lightning run, its checkpoint)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from heatssl.cli import main
+from heatssl.config import ConfigError, load_config
+from heatssl.errors import ArgumentError
+from heatssl.model.optim import weight_decay_groups
+from heatssl.model.teacher import (
+    EmaTeacher,
+    feature_spread,
+    latent_loss,
+    standardize_cells,
+    teacher_momentum,
+)
+from heatssl.runs.checkpoints import safe_torch_load
+from heatssl.runs.sources import qbheat_from_checkpoint
+from tests.helpers import tiny_settings
+from tests.model.test_qbheat import RESNET_OS16, VIT, _images, _model
+
+# --------------------------------------------------------------------------- the teacher itself
+
+
+def test_teacher_gets_no_gradient_and_is_not_optimised():
+    model = _model(target="both", heat_dim=8)
+    model.train()
+    model(_images(4, 64)).loss.backward()
+    teacher = list(model.teacher.parameters())
+    assert teacher and all(not p.requires_grad and p.grad is None for p in teacher)
+    assert any(p.grad is not None for p in model.backbone.parameters())  # the student learns
+    in_optimiser = {id(p) for g in weight_decay_groups(model, 0.05) for p in g["params"]}
+    assert in_optimiser and not in_optimiser & {id(p) for p in teacher}
+    student = [p for n, p in model.named_parameters() if not n.startswith("teacher.")]
+    assert in_optimiser == {id(p) for p in student}
+
+
+def test_teacher_stays_in_eval_mode():
+    model = _model(target="teacher")
+    model.train()
+    assert model.backbone.training and not model.teacher.training
+    assert not any(m.training for m in model.teacher.modules())
+
+
+def test_momentum_schedule_start_middle_end():
+    assert teacher_momentum(0.996, 0.0) == pytest.approx(0.996)
+    assert teacher_momentum(0.996, 0.5) == pytest.approx(0.998)
+    assert teacher_momentum(0.996, 1.0) == pytest.approx(1.0)
+    assert teacher_momentum(0.9, 2.0) == pytest.approx(1.0)  # clamped past the end
+    assert teacher_momentum(0.9, 0.25) < teacher_momentum(0.9, 0.75)
+    with pytest.raises(ArgumentError, match=r"base=1.5 must be in \[0, 1\]"):
+        teacher_momentum(1.5, 0.0)
+
+
+def test_update_moves_the_teacher_by_one_minus_momentum():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    project = torch.nn.Conv2d(4, 2, 1, bias=False)
+    teacher = EmaTeacher(student, project)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in [*student.parameters(), *project.parameters()]:
+            p.add_(torch.randn_like(p))
+    student.train()(torch.randn(4, 3, 6, 6))  # new BatchNorm running statistics
+    m = 0.9
+    teacher.update(student, project, m)
+    for key, value in teacher.backbone.state_dict().items():
+        s = student.state_dict()[key]
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(value, s)  # buffers are copied
+        else:
+            torch.testing.assert_close(value, m * before[f"backbone.{key}"] + (1 - m) * s)
+    expected = m * before["project.weight"] + (1 - m) * project.weight
+    torch.testing.assert_close(teacher.project.weight, expected)
+    with pytest.raises(ArgumentError, match=r"momentum=-0\.1"):
+        teacher.update(student, project, -0.1)
+
+
+# --------------------------------------------------------------------------- the latent loss
+
+
+def test_latent_loss_scores_only_the_hidden_cells():
+    torch.manual_seed(0)
+    target = torch.randn(2, 6, 4, 4)
+    pred = standardize_cells(target).clone()
+    q = torch.tensor([0, 3])
+    pred[0, :, :2, :2] = 100.0  # the kept quadrants: not scored
+    pred[1, :, 2:, 2:] = -100.0
+    for kind in ("smooth_l1", "cosine"):
+        assert latent_loss(pred, target, q, kind).item() == pytest.approx(0.0, abs=1e-5)
+    pred[0, :, 3, 3] += 1.0  # one hidden cell off by 1 in every channel
+    assert latent_loss(pred, target, q, "smooth_l1").item() == pytest.approx(0.5 / 24)
+    with pytest.raises(ArgumentError, match=r"teacher's grid \[2, 6, 2, 2\]"):
+        latent_loss(pred, target[..., :2, :2], q, "smooth_l1")
+    with pytest.raises(ArgumentError, match="latent_loss='l2' is not allowed"):
+        latent_loss(pred, target, q, "l2")
+
+
+def test_teacher_spread_is_zero_for_a_collapsed_teacher():
+    model = _model(target="both")
+    images = _images(6, 64)
+    assert model(images).teacher_spread.item() > 1e-4
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.zero_()
+    out = model(images)
+    assert out.teacher_spread.item() == pytest.approx(0.0, abs=1e-7)
+    assert feature_spread(torch.ones(5, 3, 2, 2)).item() == 0.0
+
+
+# --------------------------------------------------------------------------- QB-Heat with targets
+
+
+def test_pixel_target_builds_no_teacher_and_keeps_the_loss():
+    images, q = _images(4, 64), torch.tensor([0, 1, 2, 3])
+    default, pixels = _model(), _model(target="pixels", teacher_weight=5.0, pixel_weight=3.0)
+    assert pixels.teacher is None and not any(k.startswith("teacher.") for k in pixels.state_dict())
+    a, b = default(images, quadrant=q), pixels(images, quadrant=q)
+    assert a.latent is None and b.latent is None and b.teacher_spread is None
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", [RESNET_OS16, VIT], ids=["cnn", "vit"])
+@pytest.mark.parametrize("target", ["teacher", "both"])
+@pytest.mark.parametrize("kind", ["smooth_l1", "cosine"])
+def test_teacher_targets_train(spec, target, kind):
+    model = _model(spec, target=target, latent_loss=kind, heat_dim=8)
+    model.train()
+    out = model(_images(4, spec[1]))
+    assert torch.isfinite(out.latent) and out.latent.item() > 0
+    assert torch.isfinite(out.loss) and out.teacher_spread.item() > 0
+    out.loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.backbone.model.patch_embed.proj.weight.grad is not None if spec is VIT else True
+
+
+def test_teacher_target_gives_the_encoder_no_pixel_gradient():
+    """target=teacher: the decoder trains on the detached grid, the encoder on the latent only."""
+    model = _model(target="teacher", teacher_weight=0.0, heat_weight=0.0, commute_weight=0.0)
+    model.train()
+    model(_images(4, 64)).loss.backward()
+    decoder = [p.grad for p in model.decoder.parameters()]
+    assert all(g is not None for g in decoder) and any(g.abs().sum() > 0 for g in decoder)
+    grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
+    assert all(g.abs().sum() == 0 for g in grads)
+    both = _model(target="both", teacher_weight=0.0, heat_weight=0.0, commute_weight=0.0)
+    both.train()
+    both(_images(4, 64)).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in both.backbone.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(target="latent"), "target='latent' is not allowed. Allowed: 'pixels', 'teacher'"),
+        (dict(latent_loss="mse"), "latent_loss='mse' is not allowed"),
+        (dict(teacher_momentum=1.2), r"teacher_momentum=1.2 must be in \[0, 1\]"),
+        (dict(teacher_weight=-1.0), "teacher_weight=-1.0 must be >= 0"),
+        (dict(pixel_weight=float("nan")), "pixel_weight=nan must be >= 0"),
+    ],
+)
+def test_bad_teacher_arguments_are_refused(kwargs, match):
+    with pytest.raises(ArgumentError, match=match):
+        _model(**kwargs)
+
+
+def test_config_keys_are_checked():
+    cfg = load_config("demo", ["loss.target=both", "loss.latent_loss=cosine"])
+    assert cfg.loss.target == "both" and cfg.loss.latent_loss == "cosine"
+    assert load_config("demo").loss.target == "pixels"
+    with pytest.raises(ConfigError, match=r"loss\.teacher_momentum=2\.0"):
+        load_config("demo", ["loss.teacher_momentum=2.0"])
+    with pytest.raises(ConfigError, match=r"loss\.target"):
+        load_config("demo", ["loss.target=latent"])
+
+
+# --------------------------------------------------------------------------- a Lightning run
+
+
+def test_pretrain_with_teacher_saves_and_restores_it(tmp_path):
+    settings = [*tiny_settings(tmp_path / "run"), "loss.target=both", "loss.teacher_momentum=0.9"]
+    assert main(["pretrain", "-c", "demo", *settings]) == 0
+    folder = tmp_path / "run"
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    state = safe_torch_load(ckpt)["state_dict"]
+    teacher = {k.removeprefix("qbheat.teacher."): v for k, v in state.items() if ".teacher." in k}
+    assert teacher and all(f"qbheat.{k}" in state for k in teacher)
+    moved = [k for k, v in teacher.items() if v.is_floating_point() and "running" not in k]
+    differ = [k for k in moved if not torch.equal(teacher[k], state[f"qbheat.{k}"])]
+    assert differ, "the teacher should lag the trained student"
+    for k in teacher:  # buffers are copied from the student
+        if k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(teacher[k], state[f"qbheat.{k}"])
+    rows = list(csv.DictReader((folder / "metrics.csv").open()))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/latent", "train/teacher_spread", "train/rec"} <= logged
+    spread = [float(r["train/teacher_spread"]) for r in rows if r.get("train/teacher_spread")]
+    assert all(s > 0 for s in spread)
+
+    cfg, qbheat = qbheat_from_checkpoint(ckpt)  # a fresh model: the teacher comes from the file
+    assert cfg.loss.target == "both"
+    for k, v in qbheat.teacher.state_dict().items():
+        torch.testing.assert_close(v, teacher[k], rtol=0, atol=0)
+
+    # --resume: the run continues from the saved teacher (the optimiser state fits: no teacher)
+    more = [*settings, "trainer.max_epochs=2"]
+    assert main(["pretrain", "-c", "demo", *more, "--resume", "last"]) == 0
+    resumed = safe_torch_load(ckpt)["state_dict"]
+    assert any(not torch.equal(resumed[f"qbheat.teacher.{k}"], teacher[k]) for k in moved)
+
+
+def test_teacher_updates_once_per_optimiser_step_on_the_schedule(tmp_path, monkeypatch):
+    """Gradient accumulation: one update per optimiser step, momenta rising from the base to 1."""
+    from heatssl.model.qbheat import QBHeat
+
+    momenta: list[float] = []
+    real = QBHeat.update_teacher
+
+    def spy(self, momentum):
+        momenta.append(momentum)
+        real(self, momentum)
+
+    monkeypatch.setattr(QBHeat, "update_teacher", spy)
+    settings = [*tiny_settings(tmp_path / "run"), "loss.target=teacher", "data.batch_size=4"]
+    settings += ["trainer.accumulate_grad_batches=2", "loss.teacher_momentum=0.9"]
+    assert main(["pretrain", "-c", "demo", *settings]) == 0
+    step = safe_torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"]
+    assert step > 1 and len(momenta) == step
+    expected = [teacher_momentum(0.9, i / step) for i in range(step)]  # steps done before it
+    assert momenta == pytest.approx(expected)
