@@ -10,10 +10,13 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 import heatssl.train.pictures
 import heatssl.train.pretrain
 from heatssl.cli import main
 from heatssl.runs.trainer import AtomicCheckpointIO
+from heatssl.train.pretrain_module import HeatPretrainModule
 
 
 def _record(fn, path_arg: int):
@@ -31,6 +34,21 @@ def _record(fn, path_arg: int):
 AtomicCheckpointIO.save_checkpoint = _record(AtomicCheckpointIO.save_checkpoint, 2)
 heatssl.train.pictures.save_figure = _record(heatssl.train.pictures.save_figure, 1)
 heatssl.train.pretrain.save_config = _record(heatssl.train.pretrain.save_config, 1)
+
+
+def _dump_teacher(self) -> None:
+    """Each rank's EMA teacher (and student backbone) at the end of training, for comparison."""
+    rank = os.environ.get("LOCAL_RANK", "0")
+    qbheat = self.qbheat
+    state = {
+        "teacher": {k: v.detach().clone() for k, v in qbheat.teacher.state_dict().items()},
+        "student": {k: v.detach().clone() for k, v in qbheat.backbone.state_dict().items()},
+    }
+    torch.save(state, Path(os.environ["HEATSSL_WRITES_DIR"]) / f"teacher_rank{rank}.pt")
+
+
+if os.environ.get("HEATSSL_DUMP_TEACHER"):
+    HeatPretrainModule.on_train_end = _dump_teacher
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,6 +96,35 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path):
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_the_ema_teacher_is_identical_on_every_process(tmp_path):
+    """loss.target=both on 2 gloo ranks: each rank updates its own teacher from the synchronised
+    student, so the teachers must stay equal to each other (and have moved off the student)."""
+    writes = tmp_path / "writes"
+    args = [*_overrides(tmp_path / "run", batch=8, devices=2), "loss.target=both"]
+    args += ["loss.teacher_momentum=0.5"]
+    writes.mkdir()
+    env = {**os.environ, "HEATSSL_WRITES_DIR": str(writes), "OMP_NUM_THREADS": "1"}
+    env["HEATSSL_DUMP_TEACHER"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(ENTRY), "pretrain", "-c", "demo", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(writes / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    teachers = [r["teacher"] for r in ranks]
+    assert teachers[0].keys() == teachers[1].keys() and teachers[0]
+    for key, value in teachers[0].items():
+        assert torch.equal(value, teachers[1][key]), key
+    student = ranks[0]["student"]
+    moved = [
+        k for k, v in student.items() if v.is_floating_point() and f"backbone.{k}" in teachers[0]
+    ]
+    assert moved and any(not torch.equal(student[k], teachers[0][f"backbone.{k}"]) for k in moved)
+
+
 RECIPES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
