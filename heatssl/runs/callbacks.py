@@ -114,7 +114,9 @@ class RunReport(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        params = sum(p.numel() for p in pl_module.parameters())
+        teacher = getattr(getattr(pl_module, "qbheat", None), "teacher", None)
+        frozen = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
+        params = sum(p.numel() for p in pl_module.parameters()) - frozen
         per_epoch = trainer.num_training_batches
         images = _train_images(trainer.datamodule)
         budget = pl_module.cfg.trainer.max_time_seconds()
@@ -125,8 +127,9 @@ class RunReport(L.Callback):
             length = f"x {trainer.max_epochs} epochs = {total} steps"
         done = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
         print(
-            f"heatssl: {params / 1e6:.1f} M parameters; {images} training images, {per_epoch} "
-            f"steps per epoch {length}{done}",
+            f"heatssl: {params / 1e6:.1f} M parameters"
+            + (f" (+ {frozen / 1e6:.1f} M in the EMA teacher)" if frozen else "")
+            + f"; {images} training images, {per_epoch} steps per epoch {length}{done}",
             file=sys.stderr,
         )
 

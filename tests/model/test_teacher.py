@@ -4,6 +4,7 @@ QB-Heat's ``target=teacher / both`` end to end (model, config, a Lightning run, 
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 import torch
@@ -182,9 +183,11 @@ def test_config_keys_are_checked():
 # --------------------------------------------------------------------------- a Lightning run
 
 
-def test_pretrain_with_teacher_saves_and_restores_it(tmp_path):
+def test_pretrain_with_teacher_saves_and_restores_it(tmp_path, capsys):
     settings = [*tiny_settings(tmp_path / "run"), "loss.target=both", "loss.teacher_momentum=0.9"]
     assert main(["pretrain", "-c", "demo", *settings]) == 0
+    # the start line counts the model without its frozen copy, and names the copy apart
+    assert re.search(r"M parameters \(\+ [0-9.]+ M in the EMA teacher\)", capsys.readouterr().err)
     folder = tmp_path / "run"
     ckpt = folder / "checkpoints" / "last.ckpt"
     state = safe_torch_load(ckpt)["state_dict"]
