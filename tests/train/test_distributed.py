@@ -37,9 +37,9 @@ def _overrides(run_dir: Path, batch: int, devices: int) -> list[str]:
     ]
 
 
-def _ddp(args: list[str], writes: Path) -> subprocess.CompletedProcess:
+def _ddp(args: list[str], writes: Path, **extra_env: str) -> subprocess.CompletedProcess:
     writes.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HEATSSL_WRITES_DIR": str(writes), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HEATSSL_WRITES_DIR": str(writes), "OMP_NUM_THREADS": "1", **extra_env}
     proc = subprocess.run(
         [sys.executable, str(ENTRY), "pretrain", "-c", "demo", *args],
         env=env,
@@ -102,17 +102,7 @@ def test_the_ema_teacher_is_identical_on_every_process(tmp_path):
     writes = tmp_path / "writes"
     args = [*_overrides(tmp_path / "run", batch=8, devices=2), "loss.target=both"]
     args += ["loss.teacher_momentum=0.5"]
-    writes.mkdir()
-    env = {**os.environ, "HEATSSL_WRITES_DIR": str(writes), "OMP_NUM_THREADS": "1"}
-    env["HEATSSL_DUMP_TEACHER"] = "1"
-    proc = subprocess.run(
-        [sys.executable, str(ENTRY), "pretrain", "-c", "demo", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _ddp(args, writes, HEATSSL_DUMP_TEACHER="1")
     ranks = [torch.load(writes / f"teacher_rank{r}.pt", weights_only=True) for r in (0, 1)]
     teachers = [r["teacher"] for r in ranks]
     assert teachers[0].keys() == teachers[1].keys() and teachers[0]
