@@ -30,6 +30,10 @@ from heatssl.errors import ConfigError
 
 INSTALL_HINT = 'data.name=webdataset needs the webdataset package: pip install -e ".[webdataset]"'
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm")
+LABEL_KEYS = ("cls", "json")
+MAX_MEMBER_BYTES = (
+    64 * 2**20
+)  # a larger image or label member is refused unread (ImageNet's: < 16 MB)
 INDEX_FILE = "index.json"
 
 
@@ -71,24 +75,42 @@ def _key_and_ext(name: str) -> tuple[str, str]:
 
 
 def read_tar(shard: Shard) -> Iterator[Record]:
-    """The records of one tar shard, in order (members grouped by key)."""
-    from webdataset.tariterators import tar_file_iterator
+    """The records of one tar shard, in order (members grouped by key).
 
-    with open(shard.path, "rb") as f:
+    Only image and label members are read, each at most :data:`MAX_MEMBER_BYTES` (judged from its
+    tar header, before reading): a larger one is named as unreadable instead of filling memory.
+    """
+    with tarfile.open(shard.path, mode="r|") as tar:  # a stream: members in order, no seeking
         current: dict[str, Any] = {}
-        for member in tar_file_iterator(f):
-            key, ext = _key_and_ext(member["fname"])
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, ext = _key_and_ext(member.name)
             if current and current["__key__"] != key:
                 yield _record(shard, current)
                 current = {}
             current["__key__"] = key
-            current[ext] = member["data"]
+            if ext not in IMAGE_KEYS and ext not in LABEL_KEYS:
+                continue  # other members are not read at all
+            if member.size > MAX_MEMBER_BYTES:
+                current["__too_large__"] = f"{member.name}: {member.size:,} bytes"
+                continue
+            data = tar.extractfile(member)
+            current[ext] = data.read() if data else b""
         if current:
             yield _record(shard, current)
 
 
 def _record(shard: Shard, sample: dict[str, Any]) -> Record:
     name = f"{shard.path}:{sample['__key__']}"
+    if "__too_large__" in sample:
+        return Record(
+            name,
+            None,
+            -1,
+            f"{name}: member {sample['__too_large__']}, over the limit "
+            f"of {MAX_MEMBER_BYTES:,} bytes for one member",
+        )
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     label, error = (
         -1,
@@ -116,7 +138,7 @@ def _count(path: str) -> tuple[int, list[int]]:
             key, ext = _key_and_ext(member.name)
             if not keys or keys[-1] != key:
                 keys.append(key)
-            if ext == "cls":
+            if ext == "cls" and member.size <= 64:  # an integer; anything longer is no label
                 data = tar.extractfile(member)
                 try:
                     labels[key] = int(data.read().decode().strip()) if data else -1

@@ -96,6 +96,29 @@ def test_a_damaged_member_is_one_line_naming_it(shards, tmp_path, capsys):
     assert "shard-000001.tar:000000006" in err and "Traceback" not in err
 
 
+def test_an_oversized_member_is_named_unread_and_other_members_are_not_read(
+    shards, tmp_path, monkeypatch
+):
+    """A hostile shard cannot fill memory: members are judged by their tar header before reading."""
+    shard = tmp_path / "hostile.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, size in (
+            ("a.jpg", 5000),
+            ("a.cls", 1),
+            ("b.txt", 10**6),
+            ("b.jpg", 10),
+            ("b.cls", 1),
+        ):
+            member = tarfile.TarInfo(name)
+            member.size = size
+            tar.addfile(member, io.BytesIO(b"1" * size))
+    monkeypatch.setattr(wds, "MAX_MEMBER_BYTES", 1000)
+    records = list(wds.read_tar(wds.Shard(str(shard), 2)))
+    assert [r.name.rsplit(":", 1)[1] for r in records] == ["a", "b"]
+    assert records[0].data is None and "a.jpg: 5,000 bytes, over the limit" in records[0].error
+    assert records[1].data == b"1" * 10 and records[1].label == 1 and records[1].error is None
+
+
 def test_label_subsets_need_random_access(shards):
     cfg = load_config(
         "demo", ["data.name=webdataset", f"data.root={shards}", "data.label_fraction=0.5"]
