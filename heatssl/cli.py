@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --format timm: write into a folder heatssl did not write (its config.json, "
         "model.safetensors and README.md are replaced; other files stay)",
     )
+    p.add_argument(
+        "--encoder",
+        choices=["student", "teacher"],
+        default=None,
+        help="which encoder of a run trained with an EMA teacher (loss.target teacher or both) "
+        "to export (default: the run's loss.encoder)",
+    )
 
     p = sub.add_parser(
         "probe",
@@ -316,7 +323,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     """Run the chosen subcommand."""
     if args.command == "export":
         if args.format == "timm":
-            folder = export_timm(args.checkpoint, args.out, args.head, force=args.force)
+            folder = export_timm(
+                args.checkpoint, args.out, args.head, force=args.force, encoder=args.encoder
+            )
             print(
                 f"heatssl: timm folder written to {folder}; load it with "
                 f"timm.create_model('local-dir:{folder}', pretrained=True)"
@@ -324,7 +333,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         if args.head is not None:
             raise ConfigError("--head folds a probe head into a timm folder: add --format timm.")
-        print(f"heatssl: backbone written to {export_checkpoint(args.checkpoint, args.out)}")
+        path = export_checkpoint(args.checkpoint, args.out, args.encoder)
+        print(f"heatssl: backbone written to {path}")
         return 0
     if args.command == "probe":
         return _probe(args)

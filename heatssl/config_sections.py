@@ -18,9 +18,9 @@ from heatssl.errors import ArgumentError, ConfigError
 from heatssl.model.backbone import OUTPUT_STRIDES, check_model_args
 from heatssl.model.decoder import DecoderNorm
 from heatssl.model.heat import InitRule, PredictorKind, StepRule
-from heatssl.model.qbheat import LossRegion, Target
+from heatssl.model.qbheat import LossRegion, Target, TeacherResolution
 from heatssl.model.quadrants import QuadrantChoice
-from heatssl.model.teacher import LatentLoss
+from heatssl.model.teacher import Encoder, LatentLoss
 
 
 def must(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -118,10 +118,39 @@ class LossConfig:
     pixel_weight: float = 1.0
     latent_loss: LatentLoss = "smooth_l1"
     teacher_momentum: float = 0.996  # at the start; a cosine schedule takes it to 1
+    latent_head: int = 0  # hidden width of a per-cell MLP before the latent loss (0: none)
+    teacher_resolution: TeacherResolution = "full"  # half: the teacher sees the image at half size
+    global_weight: float = 0.0  # pooled quarter -> MLP -> the teacher's pooled image (1 - cos)
+    encoder: Encoder = "student"  # the run's backbone (export, probe, fine-tune): student / teacher
+    collapse_spread: float = (
+        0.01  # a teacher whose targets spread less has collapsed: stop (0: off)
+    )
 
     def validate(self) -> None:
-        """Weights are not negative and the momentum is in [0, 1] (the rest are choices)."""
-        not_negative("loss", self, "teacher_weight", "pixel_weight")
+        """Weights are not negative, the momentum is in [0, 1], a teacher encoder has a teacher."""
+        not_negative(
+            "loss",
+            self,
+            "teacher_weight",
+            "pixel_weight",
+            "collapse_spread",
+            "latent_head",
+            "global_weight",
+        )
+        must(
+            self.global_weight == 0 or self.target != "pixels",
+            "loss.global_weight",
+            self.global_weight,
+            "0 when loss.target='pixels' (the global term needs the EMA teacher); fix: "
+            "loss.target=both",
+        )
+        must(
+            self.encoder == "student" or self.target != "pixels",
+            "loss.encoder",
+            self.encoder,
+            "'student' when loss.target='pixels' (only 'teacher' and 'both' train an EMA "
+            "teacher); fix: loss.encoder=student, or loss.target=both",
+        )
         must(
             0.0 <= self.teacher_momentum <= 1.0,
             "loss.teacher_momentum",

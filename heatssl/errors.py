@@ -56,6 +56,13 @@ class NonFiniteLossError(HeatSSLError):
     label = "stopped"
 
 
+class CollapseError(HeatSSLError):
+    """The EMA teacher's features collapsed (every image gets the same target); training stopped."""
+
+    exit_code = 3
+    label = "stopped"
+
+
 class HeatSSLWarning(UserWarning):
     """Something the user should know that does not stop the run (skipped files, a skipped map)."""
 

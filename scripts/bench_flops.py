@@ -8,9 +8,12 @@ on any machine, a GPU included. Per recipe, at its own image size, per image:
   (``heat.dim``'s 1 x 1 projection of the encoder's grid, 0 without it), ``predictor`` (the
   extrapolation of the masked quadrants' features), ``heat_loss`` (the residual on the encoder's
   grid), ``commutator`` (``||AB - BA||^2``: once per step, so divided by the recipe's per-device
-  batch), ``decoder`` and ``loss`` (the pixel loss: element-wise, so 0 here). Each part is counted on
-  its own with the inputs it gets in the step (requiring grad where the step back-propagates through
-  them), and their sum is checked against a count of the whole step;
+  batch), ``decoder`` and ``loss`` (the pixel loss: element-wise, so 0 here); with ``loss.target``
+  ``teacher`` or ``both``, ``teacher`` (the EMA teacher's forward on the whole image, no backward),
+  ``latent_head`` and ``global_head`` (the MLPs of ``loss.latent_head`` and ``loss.global_weight``,
+  0 without them). Each part is counted on its own with the inputs it gets in the step (requiring
+  grad where the step back-propagates through them), and their sum is checked against a count of
+  the whole step;
 * ``full_standard``: the same backbone as timm builds it by default (no ``output_stride``
   dilation) on the whole image, forward and backward: what a full-image method pays per image;
 * ``full_same``: the whole image through QB-Heat's own encoder construction (dilated where the recipe
@@ -44,7 +47,19 @@ from heatssl.model.qbheat import QBHeat, reconstruction_loss
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
 from heatssl.runs.build import build_qbheat
 
-PARTS = ("encoder", "projection", "predictor", "heat_loss", "commutator", "decoder", "loss")
+PARTS = (
+    "encoder",
+    "projection",
+    "predictor",
+    "heat_loss",
+    "commutator",
+    "decoder",
+    "loss",
+    "teacher",
+    "latent_head",
+    "global_head",
+)
+NO_BACKWARD = {"teacher"}  # the EMA teacher runs without gradient: forward only
 BATCH = 2  # images per count (per-image figures divide by it; BatchNorm needs more than one)
 
 
@@ -116,6 +131,11 @@ def part_flops(model: QBHeat, images: Tensor, q: Tensor) -> dict[str, dict[str, 
     }
     if heat is not None and model.heat_weight > 0:
         calls["heat_loss"] = lambda: heat(leaf(z))
+    if model.teacher is not None:
+        calls["teacher"] = lambda: model.teacher(images)
+        calls["latent_head"] = lambda: model.latent_head(leaf(grid))
+    if model.global_head is not None:
+        calls["global_head"] = lambda: model.global_head(leaf(z).float().mean(dim=(-2, -1)))
     if heat is not None and model.commute_weight > 0 and heat.operators.A.requires_grad:
         calls["commutator"] = lambda: heat.operators.commutator(model.commute_probes)
     out: dict[str, dict[str, int]] = {}
@@ -125,7 +145,7 @@ def part_flops(model: QBHeat, images: Tensor, q: Tensor) -> dict[str, dict[str, 
             out[name] = {"forward": 0, "forward_backward": 0}
             continue
         forward = count(call)
-        both = count(lambda call=call: _backward(call()))
+        both = forward if name in NO_BACKWARD else count(lambda call=call: _backward(call()))
         out[name] = {"forward": forward, "forward_backward": both}
     return out
 

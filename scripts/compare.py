@@ -88,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workers", type=int, default=2, help="data-loader workers per method")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="config overrides for the heatssl methods only (an ablation row), e.g. loss.target=both",
+    )
     p.add_argument("--out", default="results/compare.json")
     p.add_argument("--runs", default="bench_results/runs_compare")
     p.add_argument(
@@ -114,6 +122,7 @@ def recipe(args: argparse.Namespace, method: str, extra: list[str] | None = None
         "trainer.progress_bar=false",
         "probe.tran1_epochs=10",
         *(VIT if FAMILY[method].startswith("vit") else []),
+        *(args.overrides if method.startswith("heatssl") else []),
         *(extra or []),
     ]
     return load_config("imagenette", overrides)
@@ -171,6 +180,7 @@ def train_child(args: argparse.Namespace, name: str) -> dict[str, Any]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0)
             optimizer.step()
+            method.after_step(progress)
             seen += method.images_in(views)
             steps += 1
             losses.append(float(loss.detach()))
@@ -178,9 +188,13 @@ def train_child(args: argparse.Namespace, name: str) -> dict[str, Any]:
             if trained >= points[0] * budget:
                 pause = time.perf_counter()
                 minutes = points.pop(0) * args.minutes
-                path = run_dir / f"backbone_{minutes:g}min.safetensors"
-                export_backbone(method.backbone, path)
-                exports.append({"minutes": minutes, "path": str(path), "images_seen": seen})
+                export: dict[str, Any] = {"minutes": minutes, "images_seen": seen}
+                for which, backbone in method.encoders().items():  # "" and "teacher"
+                    path = (
+                        run_dir / f"backbone_{which}{'_' * bool(which)}{minutes:g}min.safetensors"
+                    )
+                    export[f"{which}{'_' * bool(which)}path"] = str(export_backbone(backbone, path))
+                exports.append(export)
                 print(f"{name}: {minutes:g} min, {seen} images, loss {losses[-1]:.4f}", flush=True)
                 paused += time.perf_counter() - pause
                 if not points:
@@ -218,18 +232,23 @@ def _forward(args: argparse.Namespace) -> list[str]:
         f"--runs={args.runs}",
         "--points",
         *[str(p) for p in args.points],
+        *(["--set", *args.overrides] if args.overrides else []),
     ]
 
 
 def probe_exports(args: argparse.Namespace, name: str, figures: dict[str, Any]) -> None:
-    """Probe every export of ``name`` with heatssl's probes (more kinds at the last one)."""
+    """Probe every export of ``name`` with heatssl's probes (more kinds at the last one); an EMA
+    teacher's export (``teacher_path``) gets the same probes, as ``teacher_probes``."""
     for i, export in enumerate(figures["exports"]):
         last = i == len(figures["exports"]) - 1
         kinds = args.final_kinds if last else args.kinds
         cfg = recipe(args, name, [f"probe.kinds=[{', '.join(kinds)}]"])
-        out_dir = Path(export["path"]).with_suffix("")
-        result = probing.probe(export["path"], cfg, out_dir)
-        export["probes"] = {k: v["top1"] for k, v in result.metrics["probes"].items()}
+        for which in ("", "teacher_"):
+            if f"{which}path" not in export:
+                continue
+            path = export[f"{which}path"]
+            result = probing.probe(path, cfg, Path(path).with_suffix(""))
+            export[f"{which}probes"] = {k: v["top1"] for k, v in result.metrics["probes"].items()}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -262,11 +281,15 @@ def table(report: dict[str, Any]) -> str:
     header = ["method", "backbone", "images/s", "images seen", "linear", "tran-1", "kNN"]
     rows = []
     for name, r in report["results"].items():
-        final = r["exports"][-1]["probes"]
+        last = r["exports"][-1]
+        final = last["probes"]
         ips = f"{r['images_per_second']:.0f}" if "images_per_second" in r else "-"
         peak = f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "-"
-        cells = [f"{final[k]:.1f}" if k in final else "-" for k in ("linear", "tran1", "knn")]
-        rows.append([name, FAMILY[name], ips, r["exports"][-1]["images_seen"], *cells, peak])
+        for label, probes in ((name, final), (f"{name} (EMA teacher)", last.get("teacher_probes"))):
+            if probes is None:
+                continue
+            cells = [f"{probes[k]:.1f}" if k in probes else "-" for k in ("linear", "tran1", "knn")]
+            rows.append([label, FAMILY[name], ips, last["images_seen"], *cells, peak])
     return markdown_table([*header, "peak RSS GiB"], rows)
 
 

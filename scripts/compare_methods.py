@@ -17,6 +17,7 @@ from heatssl.config import Config
 from heatssl.data.transforms import build_transform, to_model_input
 from heatssl.model.backbone import Backbone
 from heatssl.model.optim import scaled_lr, weight_decay_groups
+from heatssl.model.teacher import teacher_momentum
 from heatssl.runs.build import build_backbone, build_qbheat
 
 
@@ -42,6 +43,13 @@ class Method(nn.Module):
         """Source images in a batch (not views)."""
         return (views[0] if isinstance(views, list | tuple) else views).shape[0]
 
+    def after_step(self, progress: float) -> None:
+        """Called after every optimiser step (``progress`` 0..1 of the budget); most need none."""
+
+    def encoders(self) -> dict[str, Backbone]:
+        """The backbones to export and probe, by name: the trained one, ``""``."""
+        return {"": self.backbone}
+
 
 class HeatSSL(Method):
     """QB-Heat exactly as ``heatssl pretrain`` builds it from the imagenette recipe."""
@@ -57,6 +65,15 @@ class HeatSSL(Method):
 
     def loss(self, views: Any, progress: float) -> torch.Tensor:
         return self.qbheat(to_model_input(views)).loss  # the loader's uint8 images, normalised
+
+    def after_step(self, progress: float) -> None:
+        """The EMA teacher's update, as ``heatssl pretrain`` does it (no-op without a teacher)."""
+        self.qbheat.update_teacher(teacher_momentum(self.cfg.loss.teacher_momentum, progress))
+
+    def encoders(self) -> dict[str, Backbone]:
+        """The student, and the EMA teacher when the objective has one (both get probed)."""
+        teacher = self.qbheat.teacher
+        return {"": self.backbone, **({"teacher": teacher.backbone} if teacher else {})}
 
     def optimizer(self) -> torch.optim.Optimizer:
         """AdamW with ``heatssl pretrain``'s groups (no decay on biases, norms, A, B)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from heatssl.errors import ArgumentError, check_choice
@@ -26,6 +27,7 @@ from heatssl.model.quadrants import (
 )
 from heatssl.model.teacher import (
     EmaTeacher,
+    Encoder,
     LatentLoss,
     check_momentum,
     feature_spread,
@@ -34,6 +36,8 @@ from heatssl.model.teacher import (
 
 LossRegion = Literal["masked", "full"]
 """Pixels the reconstruction loss scores: the three ``masked`` quadrants or the ``full`` image."""
+TeacherResolution = Literal["full", "half"]
+"""The teacher's input: the ``full`` image, or the image at ``half`` its size (a quarter the cost)."""
 Target = Literal["pixels", "teacher", "both"]
 """What the extrapolated grid is trained to match: pixels (the paper), an EMA teacher's grid, both."""
 
@@ -76,6 +80,7 @@ class QBHeatOutput:
     quadrant: Tensor
     block: Tensor  # the encoder's grid of the kept quarter (N, d, h, w)
     latent: Tensor | None = None  # the loss against the EMA teacher's grid (target teacher / both)
+    global_latent: Tensor | None = None  # 1 - cos of the pooled prediction and the teacher's pool
     teacher_spread: Tensor | None = None  # batch std of the teacher's pooled grid: ~0 = collapse
 
 
@@ -114,6 +119,16 @@ class QBHeat(nn.Module):
         teacher_momentum: The teacher's EMA momentum at the start; its schedule rises to 1
             (:func:`~heatssl.model.teacher.teacher_momentum`). The caller runs :meth:`update_teacher`
             after each optimiser step. The heat residual stays on the student's grid.
+        latent_head: Hidden width of a per-cell MLP (1 x 1 conv, GELU, 1 x 1 conv) between the
+            extrapolated grid and the latent loss; 0 (default): the heat operators' grid is scored
+            as it is. It mixes channels only, so the extrapolation stays the operators'.
+        teacher_resolution: ``full`` (default): the teacher encodes the whole image, its grid the
+            size of the extrapolated one. ``half``: it encodes the image at half its size (a quarter
+            of the compute) and the extrapolated grid is averaged over 2 x 2 cells to its grid.
+        global_weight: Weight of a global latent term (needs a teacher): the student's grid of the
+            kept quarter, pooled and passed through a small MLP, predicts the teacher's pooled grid
+            of the whole image, scored by ``1 - cos`` (BYOL's loss, DINO's local-to-global view).
+            The features a kNN probe compares are pooled ones; this term shapes them directly.
     """
 
     def __init__(
@@ -139,18 +154,28 @@ class QBHeat(nn.Module):
         pixel_weight: float = 1.0,
         latent_loss: LatentLoss = "smooth_l1",
         teacher_momentum: float = 0.996,
+        latent_head: int = 0,
+        global_weight: float = 0.0,
+        teacher_resolution: TeacherResolution = "full",
     ) -> None:
         super().__init__()
         check_choice("region", region, LossRegion)
         check_choice("quadrant", quadrant, QuadrantChoice)
         check_choice("target", target, Target)
         check_choice("latent_loss", latent_loss, LatentLoss)
+        check_choice("teacher_resolution", teacher_resolution, TeacherResolution)
         check_momentum(teacher_momentum)
-        for name, value in (("teacher_weight", teacher_weight), ("pixel_weight", pixel_weight)):
+        weights = ("teacher_weight", teacher_weight), ("pixel_weight", pixel_weight)
+        for name, value in (*weights, ("global_weight", global_weight)):
             if not value >= 0:
                 raise ArgumentError(
                     f"{name}={value!r} must be >= 0: a loss weight. Fix: e.g. {name}=1.0."
                 )
+        if latent_head < 0:
+            raise ArgumentError(
+                f"latent_head={latent_head!r} must be >= 0: the hidden width of the MLP before the "
+                f"latent loss, 0 for none. Fix: e.g. latent_head=0."
+            )
         if heat_dim is not None and heat_dim <= 0:
             raise ArgumentError(
                 f"heat_dim={heat_dim}: must be a positive number of channels, or None for the "
@@ -188,6 +213,22 @@ class QBHeat(nn.Module):
         self.target_kind, self.latent_kind = target, latent_loss
         self.teacher_weight, self.pixel_weight = teacher_weight, pixel_weight
         self.teacher_momentum = teacher_momentum
+        self.latent_head: nn.Module = (
+            nn.Sequential(nn.Conv2d(dim, latent_head, 1), nn.GELU(), nn.Conv2d(latent_head, dim, 1))
+            if latent_head and target != "pixels"
+            else nn.Identity()
+        )
+        if global_weight > 0 and target == "pixels":
+            raise ArgumentError(
+                f"global_weight={global_weight!r} needs an EMA teacher, and target='pixels' has "
+                f"none. Fix: target='both' (or 'teacher'), or global_weight=0."
+            )
+        self.global_weight, self.teacher_resolution = global_weight, teacher_resolution
+        self.global_head: nn.Module | None = (
+            nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
+            if global_weight > 0
+            else None
+        )
         # Built last, from the initial student: nothing at all with pixel targets.
         self.teacher = EmaTeacher(backbone, self.project) if target != "pixels" else None
 
@@ -196,6 +237,19 @@ class QBHeat(nn.Module):
         """Move the EMA teacher toward the student (after an optimiser step); no-op without one."""
         if self.teacher is not None:
             self.teacher.update(self.backbone, self.project, momentum)
+
+    def encoder(self, which: Encoder = "student") -> Backbone:
+        """The student's backbone, or the EMA teacher's (an error without a teacher)."""
+        check_choice("encoder", which, Encoder)
+        if which == "student":
+            return self.backbone
+        if self.teacher is None:
+            raise ArgumentError(
+                f"encoder='teacher', but this QB-Heat (target={self.target_kind!r}) has no EMA "
+                f"teacher; allowed: 'student'. Fix: encoder='student', or train with "
+                f"target='teacher' or 'both'."
+            )
+        return self.teacher.backbone
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay besides biases and norms: the heat operators, the
@@ -226,11 +280,20 @@ class QBHeat(nn.Module):
         block = self.backbone(crop_quadrant(images, q), quadrant=q)  # ViTs: own positions
         z = self.project(block)
         grid = self.predictor(z, q, check=False)  # q is valid by now
-        latent = spread = None
+        latent = spread = glob = None
         if self.teacher is not None:
-            goal = self.teacher(images)
-            latent = latent_loss(grid, goal, q, self.latent_kind)
+            scored = grid
+            if self.teacher_resolution == "half":
+                small = F.interpolate(images, scale_factor=0.5, mode="bilinear", antialias=True)
+                goal, scored = self.teacher(small), F.avg_pool2d(grid, 2)
+            else:
+                goal = self.teacher(images)
+            latent = latent_loss(self.latent_head(scored), goal, q, self.latent_kind)
             spread = feature_spread(goal)
+            if self.global_head is not None:
+                pooled = self.global_head(z.float().mean(dim=(-2, -1)))
+                aim = goal.detach().float().mean(dim=(-2, -1))
+                glob = 1.0 - F.cosine_similarity(pooled, aim, dim=1, eps=1e-6).mean()
         # target=teacher: the decoder learns from the detached grid, as a probe of it
         pred = self.decoder(grid.detach() if self.target_kind == "teacher" else grid)
         weight = quadrant_mask(q, h, w) if self.region == "masked" else None
@@ -238,6 +301,8 @@ class QBHeat(nn.Module):
         loss, heat, commute = rec, None, None
         if latent is not None:
             loss = self.pixel_weight * rec + self.teacher_weight * latent
+        if glob is not None:
+            loss = loss + self.global_weight * glob
         if self.heat_loss is not None and self.heat_weight > 0:
             heat = self.heat_loss(z)
             loss = loss + self.heat_weight * heat
@@ -248,7 +313,18 @@ class QBHeat(nn.Module):
         ):
             commute = self.heat_loss.operators.commutator(self.commute_probes)
             loss = loss + self.commute_weight * commute
-        return QBHeatOutput(loss, rec, heat, commute, pred, q, block, latent, spread)
+        return QBHeatOutput(
+            loss,
+            rec,
+            heat,
+            commute,
+            pred,
+            q,
+            block,
+            latent,
+            teacher_spread=spread,
+            global_latent=glob,
+        )
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor]:

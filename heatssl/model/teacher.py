@@ -5,7 +5,8 @@
 - :func:`teacher_momentum`: the momentum schedule, cosine from ``m0`` to 1 over training (BYOL).
 - :func:`latent_loss`: the student's extrapolated grid against the teacher's whole-image grid, on the
   three hidden quadrants' cells only, targets standardised per cell over channels (data2vec).
-- :func:`feature_spread`: the batch spread of pooled features, ~0 when the teacher has collapsed.
+- :func:`feature_spread`: the batch spread of the pooled targets, ~0 when the teacher has collapsed
+  (:mod:`heatssl.train.collapse` stops such a run).
 
 The teacher always runs in eval mode: its BatchNorm layers use running statistics, copied from the
 student with every update (the student's statistics are already averages over batches), so a target
@@ -27,6 +28,8 @@ from heatssl.model.quadrants import quadrant_mask
 
 LatentLoss = Literal["smooth_l1", "cosine"]
 """How a predicted cell is scored against the teacher's: ``smooth_l1`` (data2vec) or ``cosine``."""
+Encoder = Literal["student", "teacher"]
+"""Which encoder a run's backbone is: the trained ``student`` or its EMA ``teacher``."""
 
 
 def check_momentum(momentum: float, name: str = "teacher_momentum") -> None:
@@ -109,7 +112,7 @@ def latent_loss(pred: Tensor, target: Tensor, quadrant: Tensor, kind: LatentLoss
             f"the teacher's grid {list(target.shape)} is not the prediction's "
             f"{list(pred.shape)}: the whole image's grid must be twice the kept quarter's in each "
             f"direction. Fix: an image size whose quarter the backbone divides evenly (a multiple "
-            f"of 2 x its reduction), or target='pixels'."
+            f"of 2 x its reduction, 4 x with teacher_resolution='half'), or target='pixels'."
         )
     goal = standardize_cells(target.detach())
     p = pred.float()
@@ -122,7 +125,9 @@ def latent_loss(pred: Tensor, target: Tensor, quadrant: Tensor, kind: LatentLoss
 
 
 def feature_spread(grid: Tensor) -> Tensor:
-    """Mean over channels of the std over the batch of the spatially pooled ``grid`` (N, C, H, W):
-    ~0 when every image gets the same features (a collapsed teacher)."""
-    pooled = grid.detach().float().mean(dim=(-2, -1))
+    """How much the targets of a batch differ: the targets (each cell of ``grid`` (N, C, H, W)
+    standardised over channels, :func:`standardize_cells`) pooled over space, their std over the
+    batch, averaged over channels. Scale-free, 0 when every image gets the same targets (a
+    collapsed teacher); a healthy encoder gives about 0.1 to 1."""
+    pooled = standardize_cells(grid.detach()).mean(dim=(-2, -1))
     return pooled.std(dim=0, unbiased=False).mean()

@@ -24,7 +24,16 @@ QBHEAT_KEYS = {
     **{k: f"decoder.{k}" for k in ("depth", "upsample_blocks", "norm")},
     **{
         k: f"loss.{k}"
-        for k in ("region", "target", "teacher_weight", "pixel_weight", "latent_loss")
+        for k in (
+            "region",
+            "target",
+            "teacher_weight",
+            "pixel_weight",
+            "latent_loss",
+            "latent_head",
+            "global_weight",
+            "teacher_resolution",
+        )
     },
     "teacher_momentum": "loss.teacher_momentum",
     "heat_dim": "heat.dim",
@@ -76,4 +85,7 @@ def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
             pixel_weight=lo.pixel_weight,
             latent_loss=lo.latent_loss,
             teacher_momentum=lo.teacher_momentum,
+            latent_head=lo.latent_head,
+            global_weight=lo.global_weight,
+            teacher_resolution=lo.teacher_resolution,
         )

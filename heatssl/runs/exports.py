@@ -15,17 +15,19 @@ import timm
 from safetensors.torch import save_file
 
 from heatssl.model.backbone import Backbone
+from heatssl.model.teacher import Encoder
 from heatssl.runs.files import EXPORT_FORMAT
 from heatssl.runs.layout import RunLayout
-from heatssl.runs.sources import backbone_from_checkpoint
+from heatssl.runs.sources import backbone_from_checkpoint, checkpoint_config
 from heatssl.writing import replace_file
 
 
-def export_backbone(backbone: Backbone, path: str | Path) -> Path:
+def export_backbone(backbone: Backbone, path: str | Path, encoder: Encoder | None = None) -> Path:
     """Write the backbone as a safetensors file that plain timm loads.
 
     The file holds the full timm state dict (the classifier, which pretraining never trains, at its
-    default size) and, as metadata, the model name and the ``create_model`` kwargs. Load it with::
+    default size) and, as metadata, the model name, the ``create_model`` kwargs and, when given,
+    which ``encoder`` of its run it is (student or EMA teacher). Load it with::
 
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
     """
@@ -43,12 +45,17 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
         "model_name": backbone.name,
         "create_kwargs": json.dumps(kwargs),
         "stage": str(backbone.stage),
+        **({"encoder": encoder} if encoder else {}),
     }
     return replace_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Path:
-    """Export a checkpoint's backbone to safetensors (default ``RUN/backbone.safetensors``)."""
+def export_checkpoint(
+    checkpoint: str | Path, out: str | Path | None = None, encoder: Encoder | None = None
+) -> Path:
+    """Export a checkpoint's backbone to safetensors (default ``RUN/backbone.safetensors``): the
+    encoder its ``loss.encoder`` names, or ``encoder`` (student / teacher) when given."""
     if out is None:
         out = RunLayout.of_checkpoint(checkpoint).backbone_file
-    return export_backbone(backbone_from_checkpoint(checkpoint), out)
+    which = encoder or checkpoint_config(checkpoint).loss.encoder
+    return export_backbone(backbone_from_checkpoint(checkpoint, which), out, which)

@@ -26,6 +26,7 @@ from heatssl.config import Config, config_keys, load_config
 from heatssl.errors import ArgumentError, CheckpointError, ConfigError
 from heatssl.model.backbone import Backbone, check_model_args, restride
 from heatssl.model.qbheat import QBHeat
+from heatssl.model.teacher import Encoder
 from heatssl.runs.build import MODEL_KEYS, build_backbone, build_qbheat
 from heatssl.runs.checkpoints import safe_torch_load
 from heatssl.runs.files import (
@@ -162,9 +163,16 @@ def qbheat_from_checkpoint(path: str | Path) -> tuple[Config, QBHeat]:
     return cfg, qbheat.eval()
 
 
-def backbone_from_checkpoint(path: str | Path) -> Backbone:
-    """The pretrained backbone of a pretraining checkpoint."""
-    return qbheat_from_checkpoint(path)[1].backbone
+def backbone_from_checkpoint(path: str | Path, encoder: Encoder | None = None) -> Backbone:
+    """The pretrained backbone of a pretraining checkpoint: the encoder its ``loss.encoder``
+    names (student, or the EMA teacher), or ``encoder`` when given. Trainable either way."""
+    cfg, qbheat = qbheat_from_checkpoint(path)
+    which = encoder or cfg.loss.encoder
+    try:
+        backbone = qbheat.encoder(which)
+    except ArgumentError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    return backbone.requires_grad_(True)  # the teacher's copy is frozen inside QB-Heat
 
 
 # ----- exports ----------------------------------------------------------------------------------

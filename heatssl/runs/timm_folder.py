@@ -36,6 +36,7 @@ from heatssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from heatssl.errors import ArgumentError
 from heatssl.model.backbone import Backbone
 from heatssl.model.heads import LinearHead
+from heatssl.model.teacher import Encoder
 from heatssl.runs.head_files import load_linear_head
 from heatssl.runs.layout import RunLayout
 from heatssl.runs.sources import backbone_from_checkpoint, read_checkpoint
@@ -47,8 +48,11 @@ def export_timm(
     out: str | Path | None = None,
     head: str | Path | None = None,
     force: bool = False,
+    encoder: Encoder | None = None,
 ) -> Path:
     """Write a checkpoint's backbone as a timm folder (default ``RUN/backbone_timm``); return it.
+
+    ``encoder``: student or EMA teacher (default: the checkpoint's ``loss.encoder``).
 
     ``head``: a ``linear_head.safetensors`` written by ``heatssl probe`` to fold in (the folder is
     then a classifier over its classes); without it, a feature extractor (``num_classes: 0``).
@@ -56,12 +60,13 @@ def export_timm(
     """
     run = RunLayout.of_checkpoint(checkpoint)
     stored = read_checkpoint(checkpoint, mmap=True)  # config and step; the tensors are mapped
-    backbone = backbone_from_checkpoint(checkpoint)
+    backbone = backbone_from_checkpoint(checkpoint, encoder)
     linear, class_names = load_linear_head(head) if head is not None else (None, None)
     folder = Path(out) if out is not None else run.backbone_timm
     classes = 0 if linear is None else linear.fc.out_features
     cfg = stored.config
-    card = model_card(cfg, folder.name, stored.global_step, probe_metrics(run), classes)
+    metrics = probe_metrics(run)
+    card = model_card(cfg, folder.name, stored.global_step, metrics, classes, encoder)
     with config_keys(image_size="data.image_size"):
         return export_timm_folder(
             backbone, folder, cfg.data.image_size, linear, class_names, card, force
@@ -313,8 +318,10 @@ def model_card(
     global_step: int,
     metrics: dict[str, Any] | None,
     num_classes: int,
+    encoder: Encoder | None = None,
 ) -> str:
-    """The card's markdown for a backbone pretrained with ``cfg`` for ``global_step`` steps."""
+    """The card's markdown for a backbone pretrained with ``cfg`` for ``global_step`` steps
+    (``encoder``: which of the run's encoders it is; default the config's ``loss.encoder``)."""
     m, d = cfg.model, cfg.data
     lines = [
         "---",
@@ -359,6 +366,8 @@ def model_card(
         f"| model arguments | output stride {m.output_stride}, {m.kwargs or 'none other'} |",
         f"| heat | `{cfg.heat.predictor}` predictor, `{cfg.heat.step}` steps, heat-loss weight "
         f"{cfg.heat.heat_weight} |",
+        f"| objective | target `{cfg.loss.target}`, exported encoder "
+        f"`{encoder or cfg.loss.encoder}` |",
         f"| optimiser | AdamW, base lr {cfg.optim.base_lr}, weight decay {cfg.optim.weight_decay} |",
         f"| seed | {cfg.seed} |",
         "",

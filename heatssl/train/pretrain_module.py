@@ -38,6 +38,7 @@ from heatssl.runs.callbacks import batches_seen
 from heatssl.runs.figures import reconstruction_images
 from heatssl.runs.preemption import start_compile_workers
 from heatssl.runs.sources import MODULE_PREFIX, drop_pruned_layers
+from heatssl.train.collapse import CollapseWatch
 from heatssl.train.nonfinite import NonFiniteWatch
 from heatssl.train.rng import restore_rng, rng_state
 
@@ -64,6 +65,8 @@ class HeatPretrainModule(L.LightningModule):
         if cfg.trainer.channels_last:
             self.qbheat.to(memory_format=torch.channels_last)
         self._watch = NonFiniteWatch()
+        self._collapse = CollapseWatch(cfg.loss.collapse_spread)
+        self._spread: Tensor | None = None  # the last step's teacher spread (target teacher/both)
         self._rng_restored = False  # a resumed run continues each process's random draws
         self.last_loss: Tensor | None = None
         self.online: LinearHead | None = None
@@ -134,9 +137,11 @@ class HeatPretrainModule(L.LightningModule):
             parts["train/commute"] = out.commute
         if out.latent is not None:
             parts["train/latent"] = out.latent
+        if out.global_latent is not None:
+            parts["train/global"] = out.global_latent
         self._watch_loss(parts)
         if out.teacher_spread is not None:  # a diagnostic, not a loss: not watched for NaN
-            parts["train/teacher_spread"] = out.teacher_spread
+            parts["train/teacher_spread"] = self._spread = out.teacher_spread
         self.log_dict(parts, prog_bar=False, sync_dist=False, batch_size=images.shape[0])
         self.last_loss = out.loss.detach()  # the progress bar reads it when it refreshes
         if self.online is None:
@@ -203,9 +208,16 @@ class HeatPretrainModule(L.LightningModule):
         return self.global_step / total if 0 < total < float("inf") else 0.0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Read the non-finite flag every ``trainer.log_every_n_steps`` batches (a host sync)."""
+        """Read the non-finite flag and the teacher's spread every ``trainer.log_every_n_steps``
+        batches (a host sync); stop a run whose teacher collapsed (:class:`CollapseWatch`)."""
         if batches_seen(self.trainer) % max(1, self.trainer.log_every_n_steps) == 0:
             self.stop_if_not_finite()
+            if self._spread is not None:
+                spread = self._spread.detach().float().clone()
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(spread)  # every process decides on the same figure
+                    spread /= dist.get_world_size()
+                self._collapse.note(float(spread), self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the random generators, so a resumed run draws what an unbroken one would.

@@ -13,6 +13,7 @@ from heatssl.cli import main
 from heatssl.config import ConfigError, load_config
 from heatssl.errors import ArgumentError
 from heatssl.model.optim import weight_decay_groups
+from heatssl.model.quadrants import crop_quadrant
 from heatssl.model.teacher import (
     EmaTeacher,
     feature_spread,
@@ -155,9 +156,62 @@ def test_teacher_target_gives_the_encoder_no_pixel_gradient():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in both.backbone.parameters())
 
 
+def test_a_latent_head_sits_between_the_grid_and_the_latent_loss_only():
+    """loss.latent_head: a per-cell MLP the latent loss sees; the pixels and pixel runs do not."""
+    images, q = _images(4, 64), torch.tensor([0, 1, 2, 3])
+    plain = _model(target="both", heat_dim=8)
+    headed = _model(target="both", heat_dim=8, latent_head=16)
+    assert isinstance(plain.latent_head, torch.nn.Identity)
+    assert _model(target="pixels", latent_head=16).latent_head.__class__ is torch.nn.Identity
+    headed.load_state_dict(plain.state_dict(), strict=False)  # all but the head's weights
+    a, b = plain(images, quadrant=q), headed(images, quadrant=q)
+    torch.testing.assert_close(a.rec, b.rec)  # the decoder sees the heat operators' grid
+    assert not torch.allclose(a.latent, b.latent)
+    b.loss.backward()
+    assert all(p.grad is not None for p in headed.latent_head.parameters())
+
+
+@pytest.mark.parametrize("spec", [RESNET_OS16, VIT], ids=["cnn", "vit"])
+def test_a_half_resolution_teacher_sees_half_the_image_and_scores_the_pooled_grid(spec):
+    model = _model(spec, target="teacher", teacher_resolution="half", global_weight=1.0)
+    seen = []
+    model.teacher.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    size = spec[1]
+    images, q = _images(4, size), torch.tensor([0, 1, 2, 3])
+    out = model(images, quadrant=q)
+    assert seen == [torch.Size([4, 3, size // 2, size // 2])]
+    assert torch.isfinite(out.latent) and torch.isfinite(out.global_latent)
+    with torch.no_grad():  # by hand: the grid averaged over 2 x 2 cells against the small grid
+        z = model.project(model.backbone(crop_quadrant(images, q), quadrant=q))
+        grid = torch.nn.functional.avg_pool2d(model.predictor(z, q), 2)
+        small = torch.nn.functional.interpolate(
+            images, scale_factor=0.5, mode="bilinear", antialias=True
+        )
+        expected = latent_loss(grid, model.teacher(small), q, "smooth_l1")
+    torch.testing.assert_close(out.latent, expected)
+
+
+@pytest.mark.parametrize("spec", [RESNET_OS16, VIT], ids=["cnn", "vit"])
+def test_the_global_term_pools_the_quarter_against_the_teachers_whole_image(spec):
+    """loss.global_weight: 1 - cos(MLP(pooled student quarter), pooled teacher image), added in."""
+    images, q = _images(4, spec[1]), torch.tensor([0, 1, 2, 3])
+    base = _model(spec, target="both", heat_dim=8)
+    glob = _model(spec, target="both", heat_dim=8, global_weight=0.5)
+    glob.load_state_dict(base.state_dict(), strict=False)
+    a, b = base(images, quadrant=q), glob(images, quadrant=q)
+    assert a.global_latent is None and 0 < b.global_latent.item() < 2
+    torch.testing.assert_close(b.loss, a.loss + 0.5 * b.global_latent)
+    b.loss.backward()
+    assert all(p.grad is not None for p in glob.global_head.parameters())
+    assert all(p.grad is None for p in glob.teacher.parameters())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
+        (dict(global_weight=1.0), "global_weight=1.0 needs an EMA teacher"),
+        (dict(teacher_resolution="quarter"), "teacher_resolution='quarter' is not allowed"),
+        (dict(latent_head=-1), "latent_head=-1 must be >= 0"),
         (dict(target="latent"), "target='latent' is not allowed. Allowed: 'pixels', 'teacher'"),
         (dict(latent_loss="mse"), "latent_loss='mse' is not allowed"),
         (dict(teacher_momentum=1.2), r"teacher_momentum=1.2 must be in \[0, 1\]"),

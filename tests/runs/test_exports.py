@@ -119,3 +119,77 @@ def test_describe_file_names_what_a_wrong_file_is(tmp_path):
         assert expected in describe_file(tmp_path / name)
     export = export_backbone(Backbone("test_resnet", image_size=128), tmp_path / "b.safetensors")
     assert describe_file(export) == "a heatssl backbone export (safetensors, `heatssl export`)"
+
+
+# ----- which encoder of a run with an EMA teacher ------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A tiny run trained with loss.target=both (its checkpoint holds student and teacher)."""
+    from heatssl.cli import main
+    from tests.helpers import tiny_settings
+
+    folder = tmp_path_factory.mktemp("teacher_run")
+    settings = [*tiny_settings(folder), "loss.target=both", "loss.teacher_momentum=0.9"]
+    assert main(["pretrain", "-c", "demo", *settings]) == 0
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def _encoder_weights(ckpt, which):
+    from heatssl.runs.checkpoints import safe_torch_load
+
+    prefix = {"student": "qbheat.backbone.model.", "teacher": "qbheat.teacher.backbone.model."}
+    state = safe_torch_load(ckpt)["state_dict"]
+    return {
+        k.removeprefix(prefix[which]): v for k, v in state.items() if k.startswith(prefix[which])
+    }
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_export_writes_the_chosen_encoder_and_says_which(teacher_run, tmp_path, which):
+    from heatssl.cli import main
+
+    out = tmp_path / f"{which}.safetensors"
+    assert main(["export", str(teacher_run), "-o", str(out), "--encoder", which]) == 0
+    exported, expected = load_file(out), _encoder_weights(teacher_run, which)
+    for k, v in expected.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=0)
+    assert read_export_metadata(out)["model_name"] == "test_resnet"
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["encoder"] == which
+    other = _encoder_weights(teacher_run, "teacher" if which == "student" else "student")
+    assert any(not torch.equal(exported[k], other[k]) for k in expected)  # they differ
+
+
+def test_the_runs_loss_encoder_is_the_default_and_a_pixel_run_has_no_teacher(tmp_path, capsys):
+    from heatssl.cli import main
+    from heatssl.runs.sources import backbone_from_checkpoint
+    from tests.helpers import tiny_settings
+
+    settings = [*tiny_settings(tmp_path / "t"), "loss.target=teacher", "loss.encoder=teacher"]
+    assert main(["pretrain", "-c", "demo", *settings]) == 0
+    ckpt = tmp_path / "t" / "checkpoints" / "last.ckpt"
+    backbone = backbone_from_checkpoint(ckpt)  # what probe, heatmaps and fine-tuning get
+    assert all(p.requires_grad for p in backbone.parameters())  # trainable, though EMA-made
+    for k, v in _encoder_weights(ckpt, "teacher").items():
+        torch.testing.assert_close(backbone.model.state_dict()[k], v, rtol=0, atol=0)
+    assert main(["export", str(ckpt)]) == 0
+    with safe_open(tmp_path / "t" / "backbone.safetensors", "pt") as f:
+        assert f.metadata()["encoder"] == "teacher"
+
+    assert main(["pretrain", "-c", "demo", *tiny_settings(tmp_path / "p")]) == 0
+    pixels = tmp_path / "p" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main(["export", str(pixels), "--encoder", "teacher"]) == 2
+    assert "has no EMA teacher" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="allowed: 'student'"):
+        backbone_from_checkpoint(pixels, "teacher")
+
+
+def test_a_teacher_encoder_without_a_teacher_is_refused_in_the_config():
+    from heatssl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"loss.encoder='teacher' must be 'student' when"):
+        load_config("demo", ["loss.encoder=teacher"])
+    assert (
+        load_config("demo", ["loss.target=both", "loss.encoder=teacher"]).loss.encoder == "teacher"
+    )

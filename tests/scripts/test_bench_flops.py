@@ -40,3 +40,24 @@ def test_budget_parts_add_up_and_the_projection_shrinks_the_heat_parts(tmp_path)
     assert projected["parts"]["projection"]["forward"] > 0
     for part in ("predictor", "heat_loss", "decoder"):
         assert projected["parts"][part]["forward"] < parts[part]["forward"], part
+
+
+def test_the_teacher_forward_and_the_latent_heads_are_in_the_budget(tmp_path):
+    """The EMA teacher's forward on the whole image is real compute: counted, forward only."""
+    out = tmp_path / "teacher.json"
+    overrides = ["loss.target=both", "loss.latent_head=16", "loss.global_weight=1.0"]
+    args = ["--recipes", "demo", "--out", str(out)]
+    assert bench_flops.main([*args, *(f"--override={o}" for o in overrides)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["check_sum_equals_step"] == {"forward": True, "forward_backward": True}
+    parts = row["parts"]
+    teacher = parts["teacher"]
+    assert teacher["forward"] == teacher["forward_backward"] == row["full_same"]["forward"]
+    assert parts["latent_head"]["forward_backward"] > parts["latent_head"]["forward"] > 0
+    assert parts["global_head"]["forward"] > 0
+    plain = tmp_path / "plain.json"
+    bench_flops.main(["--recipes", "demo", "--out", str(plain)])
+    (pixels,) = json.loads(plain.read_text())["rows"]
+    assert pixels["parts"]["teacher"]["forward"] == 0
+    gap = row["qbheat"]["forward_backward"] - pixels["qbheat"]["forward_backward"]
+    assert gap >= teacher["forward"]

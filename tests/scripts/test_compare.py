@@ -5,14 +5,16 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from tests.helpers import SCRIPTS
 
 SCRIPT = SCRIPTS / "compare.py"
 
 
-def test_compare_trains_exports_probes_and_plots(tmp_path):
+def _folder(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for cls in ("a", "b"):
@@ -21,6 +23,10 @@ def test_compare_trains_exports_probes_and_plots(tmp_path):
             for i in range(40 if split == "train" else 8):
                 pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_compare_trains_exports_probes_and_plots(tmp_path):
+    _folder(tmp_path)
     out = tmp_path / "compare.json"
     args = [
         f"--data={tmp_path / 'data'}",
@@ -44,3 +50,32 @@ def test_compare_trains_exports_probes_and_plots(tmp_path):
     assert heat["train_seconds"] >= 0.02 * 60
     assert rand["exports"][0]["images_seen"] == 0 and "linear" in rand["exports"][0]["probes"]
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_a_teacher_objective_is_updated_and_both_encoders_are_exported_and_probed(tmp_path):
+    _folder(tmp_path)
+    out = tmp_path / "compare.json"
+    args = [
+        f"--data={tmp_path / 'data'}",
+        "--methods", "heatssl", "random",
+        "--minutes", "0.02",
+        "--final-kinds", "linear",
+        "--workers", "0",
+        "--set", "loss.target=both", "loss.teacher_momentum=0.5",
+        f"--out={out}",
+        f"--runs={tmp_path / 'runs'}",
+    ]  # fmt: skip
+    run = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["args"]["overrides"] == ["loss.target=both", "loss.teacher_momentum=0.5"]
+    final = report["results"]["heatssl"]["exports"][-1]
+    assert set(final["probes"]) == set(final["teacher_probes"]) == {"linear"}
+    student, teacher = (load_file(final[k]) for k in ("path", "teacher_path"))
+    start = load_file(report["results"]["random"]["exports"][0]["path"])  # same seed: same init
+    weights = [k for k in student if "running" not in k and "num_batches" not in k]
+    assert any(not torch.equal(teacher[k], start[k]) for k in weights), "the teacher never moved"
+    assert any(not torch.equal(teacher[k], student[k]) for k in weights), (
+        "no EMA: teacher = student"
+    )
+    assert "(EMA teacher)" in run.stdout
