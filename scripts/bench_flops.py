@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ from heatssl.model.backbone import Backbone
 from heatssl.model.qbheat import QBHeat, reconstruction_loss
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
 from heatssl.runs.build import build_qbheat
+from heatssl.runs.markdown import markdown_table
 
 PARTS = (
     "encoder",
@@ -132,8 +136,8 @@ def part_flops(model: QBHeat, images: Tensor, q: Tensor) -> dict[str, dict[str, 
     if heat is not None and model.heat_weight > 0:
         calls["heat_loss"] = lambda: heat(leaf(z))
     if model.teacher is not None:
-        calls["teacher"] = lambda: model.teacher(images)
-        calls["latent_head"] = lambda: model.latent_head(leaf(grid))
+        calls["teacher"] = lambda: model.teacher_grid(images)
+        calls["latent_head"] = lambda: model.latent_prediction(leaf(grid))
     if model.global_head is not None:
         calls["global_head"] = lambda: model.global_head(leaf(z).float().mean(dim=(-2, -1)))
     if heat is not None and model.commute_weight > 0 and heat.operators.A.requires_grad:
@@ -188,6 +192,7 @@ def budget(name: str, cfg: Config) -> dict[str, Any]:
         "backbone": cfg.model.backbone,
         "image_size": size,
         "output_stride": cfg.model.output_stride,
+        "kwargs": dict(cfg.model.kwargs),
         "block_grid": list(model.backbone(images[:1, :, : size // 2, : size // 2]).shape[-2:]),
         "per_device_batch": cfg.data.batch_size,
         "parts": per_image,
@@ -201,29 +206,48 @@ def budget(name: str, cfg: Config) -> dict[str, Any]:
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: GFLOP per image, forward+backward, by part, and the ratios (forward in brackets)."""
-    head = ["recipe", "size", "grid", *PARTS, "QB-Heat", "full (standard)", "ratio", "ratio fwd"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+HEADERS = {"heat_loss": "heat loss", "latent_head": "latent head", "global_head": "global head"}
+
+
+def label(r: dict[str, Any]) -> str:
+    """A row's recipe as the docs name it: the name, and the backbone and stride when not a GPU
+    recipe's (those are named for theirs)."""
+    if r["recipe"].startswith("imagenet_"):
+        return f"`{r['recipe']}`"
+    stride = f", `output_stride: {r['output_stride']}`" if r["output_stride"] else ""
+    patch = r.get("kwargs", {}).get("patch_size")
+    return f"`{r['recipe']}` ({r['backbone']}{f', patch {patch}' if patch else ''}{stride})"
+
+
+def table(rows: list[dict[str, Any]]) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """The docs' columns and rows (strings as printed): GFLOP per image, forward and backward, by
+    part (the parts no row has are left out), the step, the full-image step, their ratio (bold for
+    the GPU recipes)."""
+    parts = [p for p in PARTS if any(r["parts"][p]["forward"] for r in rows)]
+    keys = ["recipe", "size", "block_grid", *parts, "qbheat_step", "full_image_step", "ratio"]
+    names = {"block_grid": "block grid", "qbheat_step": "QB-Heat step"}
+    names |= {"full_image_step": "full-image step", **HEADERS}
+    columns = [{"key": k, "header": names.get(k, k)} for k in keys]
+    out = []
     for r in rows:
-        g = [f"{r['parts'][p]['forward_backward'] / 1e9:.3f}" for p in PARTS]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["recipe"],
-                    str(r["image_size"]),
-                    "x".join(map(str, r["block_grid"])),
-                    *g,
-                    f"{r['qbheat']['forward_backward'] / 1e9:.2f}",
-                    f"{r['full_standard']['forward_backward'] / 1e9:.2f}",
-                    f"{r['ratio_standard']['forward_backward']:.2f}x",
-                    f"{r['ratio_standard']['forward']:.2f}x",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+        row: dict[str, Any] = {
+            "recipe": label(r),
+            "size": str(r["image_size"]),
+            "block_grid": "x".join(map(str, r["block_grid"])),
+            **{
+                p: f"{r['parts'][p]['forward_backward'] / 1e9:.3f}"
+                if r["parts"][p]["forward"]
+                else "-"
+                for p in parts
+            },
+            "qbheat_step": f"{r['qbheat']['forward_backward'] / 1e9:.2f}",
+            "full_image_step": f"{r['full_standard']['forward_backward'] / 1e9:.2f}",
+            "ratio": f"{r['ratio_standard']['forward_backward']:.2f}x",
+        }
+        if r["recipe"].startswith("imagenet_"):
+            row["bold"] = ["ratio"]
+        out.append(row)
+    return columns, out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -257,12 +281,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ratio_standard']['forward_backward']:.2f}x the standard full-image step",
             file=sys.stderr,
         )
-    text = table(rows)
+    columns, shown = table(rows)
+    text = markdown_table(
+        [c["header"] for c in columns], [[r[c["key"]] for c in columns] for r in shown]
+    )
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "overrides": args.override, "batch": BATCH, "rows": rows}
-    out.write_text(json.dumps(report, indent=2))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    provenance = {
+        "command": "python " + shlex.join(["scripts/bench_flops.py", *(argv or sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "heatssl_commit": f"{commit.strip()} (with the working tree's changes, if any)",
+        "machine": machine(),
+        "overrides": args.override,
+        "batch": BATCH,
+        "units": "GFLOP per image, forward and backward; ratio = QB-Heat step / full-image step",
+    }
+    report = {"provenance": provenance, "columns": columns, "rows": shown, "raw": rows}
+    out.write_text(json.dumps(report, indent=2) + "\n")
     if args.md:
         Path(args.md).write_text(text + "\n")
     print(f"written {out}", file=sys.stderr)

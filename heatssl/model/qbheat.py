@@ -251,6 +251,23 @@ class QBHeat(nn.Module):
             )
         return self.teacher.backbone
 
+    @torch.no_grad()
+    def teacher_grid(self, images: Tensor) -> Tensor:
+        """The EMA teacher's grid of the whole ``images``, at half their size with
+        ``teacher_resolution='half'`` (bilinear, antialiased); an error without a teacher."""
+        if self.teacher is None:
+            raise ArgumentError("target='pixels' has no EMA teacher. Fix: target='both'.")
+        if self.teacher_resolution == "half":
+            images = F.interpolate(images, scale_factor=0.5, mode="bilinear", antialias=True)
+        return self.teacher(images)
+
+    def latent_prediction(self, grid: Tensor) -> Tensor:
+        """What the extrapolated ``grid`` offers the teacher's: averaged over 2 x 2 cells for a
+        half-size teacher, then through ``latent_head`` (identity without one)."""
+        return self.latent_head(
+            F.avg_pool2d(grid, 2) if self.teacher_resolution == "half" else grid
+        )
+
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay besides biases and norms: the heat operators, the
         [MASK] feature and its positions, and what the backbone's timm model names (a ViT's
@@ -282,13 +299,8 @@ class QBHeat(nn.Module):
         grid = self.predictor(z, q, check=False)  # q is valid by now
         latent = spread = glob = None
         if self.teacher is not None:
-            scored = grid
-            if self.teacher_resolution == "half":
-                small = F.interpolate(images, scale_factor=0.5, mode="bilinear", antialias=True)
-                goal, scored = self.teacher(small), F.avg_pool2d(grid, 2)
-            else:
-                goal = self.teacher(images)
-            latent = latent_loss(self.latent_head(scored), goal, q, self.latent_kind)
+            goal = self.teacher_grid(images)
+            latent = latent_loss(self.latent_prediction(grid), goal, q, self.latent_kind)
             spread = feature_spread(goal)
             if self.global_head is not None:
                 pooled = self.global_head(z.float().mean(dim=(-2, -1)))

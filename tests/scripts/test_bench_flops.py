@@ -26,7 +26,7 @@ def test_grouped_convolution_backward_costs_twice_its_forward():
 def test_budget_parts_add_up_and_the_projection_shrinks_the_heat_parts(tmp_path):
     out = tmp_path / "flops.json"
     assert bench_flops.main(["--recipes", "demo", "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
+    (row,) = json.loads(out.read_text())["raw"]
     assert row["check_sum_equals_step"] == {"forward": True, "forward_backward": True}
     parts = row["parts"]
     assert parts["encoder"]["forward"] > 0 and parts["loss"]["forward"] == 0
@@ -35,7 +35,7 @@ def test_budget_parts_add_up_and_the_projection_shrinks_the_heat_parts(tmp_path)
 
     small = tmp_path / "small.json"
     bench_flops.main(["--recipes", "demo", "--override", "heat.dim=32", "--out", str(small)])
-    (projected,) = json.loads(small.read_text())["rows"]
+    (projected,) = json.loads(small.read_text())["raw"]
     assert projected["check_sum_equals_step"]["forward_backward"]
     assert projected["parts"]["projection"]["forward"] > 0
     for part in ("predictor", "heat_loss", "decoder"):
@@ -48,7 +48,7 @@ def test_the_teacher_forward_and_the_latent_heads_are_in_the_budget(tmp_path):
     overrides = ["loss.target=both", "loss.latent_head=16", "loss.global_weight=1.0"]
     args = ["--recipes", "demo", "--out", str(out)]
     assert bench_flops.main([*args, *(f"--override={o}" for o in overrides)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
+    (row,) = json.loads(out.read_text())["raw"]
     assert row["check_sum_equals_step"] == {"forward": True, "forward_backward": True}
     parts = row["parts"]
     teacher = parts["teacher"]
@@ -57,7 +57,32 @@ def test_the_teacher_forward_and_the_latent_heads_are_in_the_budget(tmp_path):
     assert parts["global_head"]["forward"] > 0
     plain = tmp_path / "plain.json"
     bench_flops.main(["--recipes", "demo", "--out", str(plain)])
-    (pixels,) = json.loads(plain.read_text())["rows"]
+    (pixels,) = json.loads(plain.read_text())["raw"]
     assert pixels["parts"]["teacher"]["forward"] == 0
     gap = row["qbheat"]["forward_backward"] - pixels["qbheat"]["forward_backward"]
     assert gap >= teacher["forward"]
+
+    half = tmp_path / "half.json"
+    args = ["--recipes", "demo", "--out", str(half), "--override=loss.teacher_resolution=half"]
+    bench_flops.main([*args, *(f"--override={o}" for o in overrides)])
+    (small,) = json.loads(half.read_text())["raw"]
+    assert small["check_sum_equals_step"] == {"forward": True, "forward_backward": True}
+    assert 0 < small["parts"]["teacher"]["forward"] <= teacher["forward"] / 3  # a quarter's pixels
+
+
+def test_the_json_is_a_docs_table_whose_columns_are_the_parts_some_row_has(tmp_path):
+    sys.path.insert(0, str(SCRIPTS))
+    import tables
+
+    plain, teacher = tmp_path / "plain.json", tmp_path / "teacher.json"
+    bench_flops.main(["--recipes", "demo", "--out", str(plain)])
+    bench_flops.main(["--recipes", "demo", "--out", str(teacher), "--override=loss.target=both"])
+    for path, has_teacher in ((plain, False), (teacher, True)):
+        report = json.loads(path.read_text())
+        assert "python scripts/bench_flops.py" in report["provenance"]["command"]
+        keys = [c["key"] for c in report["columns"]]
+        assert ("teacher" in keys) is has_teacher and "projection" not in keys
+        (row,) = report["rows"]
+        assert row["recipe"] == "`demo` (resnet18, `output_stride: 8`)"
+        assert row["ratio"] == f"{report['raw'][0]['ratio_standard']['forward_backward']:.2f}x"
+        assert "| `demo` (resnet18" in tables.render(report)
