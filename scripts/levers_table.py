@@ -75,19 +75,30 @@ def rows_of(label: str, path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``label=file`` pairs and write the table's JSON."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options: ``LABEL=FILE`` pairs, the output file and a note."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="LABEL=results/FILE.json, in the table's order")
-    p.add_argument("--out", required=True, help="the table's JSON (results/NAME.json)")
+    p.add_argument("runs", nargs="*", help="LABEL=results/FILE.json, in the table's order")
+    p.add_argument("--out", default="results/levers.json", help="the table's JSON")
     p.add_argument("--note", default="", help="what the table compares, for its provenance")
     args = p.parse_args(argv)
+    for pair in args.runs:
+        _, sep, file = pair.partition("=")
+        if not sep or not Path(file).is_file():
+            p.error(f"{pair!r}: give LABEL=FILE with an existing compare.py JSON")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the table's JSON from the ``LABEL=FILE`` pairs."""
+    args = parse_args(argv)
+    if not args.runs:
+        print("levers_table.py: give at least one LABEL=FILE", file=sys.stderr)
+        return 2
     rows: list[dict[str, Any]] = []
     machines = {}
     for pair in args.runs:
-        label, sep, file = pair.partition("=")
-        if not sep or not Path(file).is_file():
-            p.error(f"{pair!r}: give LABEL=FILE with an existing compare.py JSON")
+        label, _, file = pair.partition("=")
         rows += rows_of(label, Path(file))
         report = json.loads(Path(file).read_text())
         machines[file] = report.get("machine", {}).get("cpu_model", "?")

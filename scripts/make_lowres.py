@@ -12,6 +12,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from PIL import Image
@@ -34,18 +35,25 @@ def convert(src: Path, dst: Path, low: int, show: int) -> int:
     return count
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the arguments and convert the folder."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options: the source folder, the copy's folder, the two sizes."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("src", type=Path, help="an ImageFolder root (train/ and val/ inside)")
     p.add_argument("dst", type=Path, help="where the low-resolution copy goes (created)")
     p.add_argument("--low", type=int, default=32, help="the resolution the detail is cut to")
     p.add_argument("--show", type=int, default=64, help="the size the images are stored at")
     args = p.parse_args(argv)
-    if not args.src.is_dir():
-        p.error(f"{args.src} is not a folder")
     if args.dst.resolve().is_relative_to(args.src.resolve()):
         p.error(f"{args.dst} is inside {args.src}: the copy would be read as more images")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert the folder."""
+    args = parse_args(argv)
+    if not args.src.is_dir():
+        print(f"make_lowres.py: {args.src} is not a folder", file=sys.stderr)
+        return 2
     count = convert(args.src, args.dst, args.low, args.show)
     print(f"{count} images written under {args.dst} ({args.low} px shown at {args.show} px)")
     return 0 if count else 1
