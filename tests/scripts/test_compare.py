@@ -25,22 +25,22 @@ def _folder(tmp_path):
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
-def test_compare_trains_exports_probes_and_plots(tmp_path):
+def _compare(tmp_path, *args):
+    """compare.py on a tiny folder, heatssl and random init, 0.02 minutes; its report and output."""
     _folder(tmp_path)
     out = tmp_path / "compare.json"
-    args = [
-        f"--data={tmp_path / 'data'}",
-        "--methods", "heatssl", "random",
-        "--minutes", "0.02",
-        "--points", "0.5", "1.0",
-        "--kinds", "linear",
-        "--final-kinds", "linear", "knn",
-        "--workers", "0",
-        f"--out={out}",
-        f"--runs={tmp_path / 'runs'}",
-    ]  # fmt: skip
-    subprocess.run([sys.executable, str(SCRIPT), *args], check=True, capture_output=True)
-    report = json.loads(out.read_text())
+    common = [f"--data={tmp_path / 'data'}", "--methods", "heatssl", "random", "--minutes", "0.02"]
+    common += ["--workers", "0", f"--out={out}", f"--runs={tmp_path / 'runs'}"]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), *common, *args], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(out.read_text()), run, out
+
+
+def test_compare_trains_exports_probes_and_plots(tmp_path):
+    kinds = ["--kinds", "linear", "--final-kinds", "linear", "knn"]
+    report, _, out = _compare(tmp_path, "--points", "0.5", "1.0", *kinds)
     heat, rand = report["results"]["heatssl"], report["results"]["random"]
     assert [e["minutes"] for e in heat["exports"]] == [0.01, 0.02]  # a backbone at each point
     assert set(heat["exports"][0]["probes"]) == {"linear"}
@@ -53,21 +53,8 @@ def test_compare_trains_exports_probes_and_plots(tmp_path):
 
 
 def test_a_teacher_objective_is_updated_and_both_encoders_are_exported_and_probed(tmp_path):
-    _folder(tmp_path)
-    out = tmp_path / "compare.json"
-    args = [
-        f"--data={tmp_path / 'data'}",
-        "--methods", "heatssl", "random",
-        "--minutes", "0.02",
-        "--final-kinds", "linear",
-        "--workers", "0",
-        "--set", "loss.target=both", "loss.teacher_momentum=0.5",
-        f"--out={out}",
-        f"--runs={tmp_path / 'runs'}",
-    ]  # fmt: skip
-    run = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    report = json.loads(out.read_text())
+    teacher = ["--set", "loss.target=both", "loss.teacher_momentum=0.5"]
+    report, run, _ = _compare(tmp_path, "--final-kinds", "linear", *teacher)
     assert report["args"]["overrides"] == ["loss.target=both", "loss.teacher_momentum=0.5"]
     final = report["results"]["heatssl"]["exports"][-1]
     assert set(final["probes"]) == set(final["teacher_probes"]) == {"linear"}
