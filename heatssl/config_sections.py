@@ -121,6 +121,9 @@ class LossConfig:
     latent_head: int = 0  # hidden width of a per-cell MLP before the latent loss (0: none)
     teacher_resolution: TeacherResolution = "full"  # half: the teacher sees the image at half size
     global_weight: float = 0.0  # pooled quarter -> MLP -> the teacher's pooled image (1 - cos)
+    view_jitter: float = (
+        0.0  # colour jitter strength, drawn apart for student and teacher (0: none)
+    )
     encoder: Encoder = "student"  # the run's backbone (export, probe, fine-tune): student / teacher
     collapse_spread: float = (
         0.01  # a teacher whose targets spread less has collapsed: stop (0: off)
@@ -143,6 +146,14 @@ class LossConfig:
             self.global_weight,
             "0 when loss.target='pixels' (the global term needs the EMA teacher); fix: "
             "loss.target=both",
+        )
+        must(
+            0.0 <= self.view_jitter <= 1.0 and (self.view_jitter == 0 or self.target != "pixels"),
+            "loss.view_jitter",
+            self.view_jitter,
+            "in [0, 1] (1 = BYOL's colour jitter), and 0 when loss.target='pixels' (it makes the "
+            "student's and the EMA teacher's views differ); fix: loss.view_jitter=1.0 with "
+            "loss.target=both, or 0",
         )
         must(
             self.encoder == "student" or self.target != "pixels",

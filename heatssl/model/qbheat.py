@@ -30,6 +30,7 @@ from heatssl.model.teacher import (
     Encoder,
     LatentLoss,
     check_momentum,
+    colour_jitter,
     feature_spread,
     latent_loss,
 )
@@ -129,6 +130,10 @@ class QBHeat(nn.Module):
             kept quarter, pooled and passed through a small MLP, predicts the teacher's pooled grid
             of the whole image, scored by ``1 - cos`` (BYOL's loss, DINO's local-to-global view).
             The features a kNN probe compares are pooled ones; this term shapes them directly.
+        view_jitter: Strength in [0, 1] of a colour jitter (:func:`~heatssl.model.teacher.colour_jitter`)
+            drawn apart for the student's and the teacher's input while training (needs a teacher):
+            the same crop in two colourings, so the latent and global targets ask for colour
+            invariance (the views of BYOL and SimCLR); the pixel target is the student's own view.
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class QBHeat(nn.Module):
         latent_head: int = 0,
         global_weight: float = 0.0,
         teacher_resolution: TeacherResolution = "full",
+        view_jitter: float = 0.0,
     ) -> None:
         super().__init__()
         check_choice("region", region, LossRegion)
@@ -223,7 +229,15 @@ class QBHeat(nn.Module):
                 f"global_weight={global_weight!r} needs an EMA teacher, and target='pixels' has "
                 f"none. Fix: target='both' (or 'teacher'), or global_weight=0."
             )
+        if view_jitter != 0 and target == "pixels":
+            raise ArgumentError(
+                f"view_jitter={view_jitter!r} needs an EMA teacher (it makes the student's and the "
+                f"teacher's views differ), and target='pixels' has none. Fix: target='both', or "
+                f"view_jitter=0."
+            )
+        colour_jitter(torch.zeros(1, 3, 1, 1), view_jitter)  # its range check, at build time
         self.global_weight, self.teacher_resolution = global_weight, teacher_resolution
+        self.view_jitter = view_jitter
         self.global_head: nn.Module | None = (
             nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
             if global_weight > 0
@@ -294,12 +308,16 @@ class QBHeat(nn.Module):
             q = self.sample_quadrants(n, images.device)
         else:
             q = quadrant_ids(quadrant, n, images.device)
-        block = self.backbone(crop_quadrant(images, q), quadrant=q)  # ViTs: own positions
+        seen = images  # the student's view, also its pixel target
+        if self.teacher is not None and self.training and self.view_jitter > 0:
+            seen = colour_jitter(images, self.view_jitter)
+        block = self.backbone(crop_quadrant(seen, q), quadrant=q)  # ViTs: own positions
         z = self.project(block)
         grid = self.predictor(z, q, check=False)  # q is valid by now
         latent = spread = glob = None
         if self.teacher is not None:
-            goal = self.teacher_grid(images)
+            view = colour_jitter(images, self.view_jitter) if seen is not images else images
+            goal = self.teacher_grid(view)
             latent = latent_loss(self.latent_prediction(grid), goal, q, self.latent_kind)
             spread = feature_spread(goal)
             if self.global_head is not None:
@@ -309,7 +327,7 @@ class QBHeat(nn.Module):
         # target=teacher: the decoder learns from the detached grid, as a probe of it
         pred = self.decoder(grid.detach() if self.target_kind == "teacher" else grid)
         weight = quadrant_mask(q, h, w) if self.region == "masked" else None
-        rec = reconstruction_loss(pred, self.target(images), weight)
+        rec = reconstruction_loss(pred, self.target(seen), weight)
         loss, heat, commute = rec, None, None
         if latent is not None:
             loss = self.pixel_weight * rec + self.teacher_weight * latent

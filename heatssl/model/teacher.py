@@ -7,6 +7,8 @@
   three hidden quadrants' cells only, targets standardised per cell over channels (data2vec).
 - :func:`feature_spread`: the batch spread of the pooled targets, ~0 when the teacher has collapsed
   (:mod:`heatssl.train.collapse` stops such a run).
+- :func:`colour_jitter`: a photometric view of a batch (``loss.view_jitter``), so that student and
+  teacher see the same crop in different colours and the targets teach colour invariance.
 
 The teacher always runs in eval mode: its BatchNorm layers use running statistics, copied from the
 student with every update (the student's statistics are already averages over batches), so a target
@@ -30,6 +32,9 @@ LatentLoss = Literal["smooth_l1", "cosine"]
 """How a predicted cell is scored against the teacher's: ``smooth_l1`` (data2vec) or ``cosine``."""
 Encoder = Literal["student", "teacher"]
 """Which encoder a run's backbone is: the trained ``student`` or its EMA ``teacher``."""
+_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as heatssl's loaders normalise (timm's defaults)
+_STD = (0.229, 0.224, 0.225)
+_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, torchvision's rgb_to_grayscale
 
 
 def check_momentum(momentum: float, name: str = "teacher_momentum") -> None:
@@ -131,3 +136,39 @@ def feature_spread(grid: Tensor) -> Tensor:
     collapsed teacher); a healthy encoder gives about 0.1 to 1."""
     pooled = standardize_cells(grid.detach()).mean(dim=(-2, -1))
     return pooled.std(dim=0, unbiased=False).mean()
+
+
+def colour_jitter(images: Tensor, strength: float) -> Tensor:
+    """A photometric view of ImageNet-normalised ``images`` (N, 3, H, W), drawn per image.
+
+    BYOL's colour jitter without hue, scaled by ``strength`` in [0, 1]: with probability 0.8,
+    brightness and contrast are scaled by factors in ``1 +- 0.4 * strength`` and saturation by one
+    in ``1 +- 0.2 * strength``; with probability ``0.2 * strength`` the image turns grey. Done on
+    the batch where it lies (GPU or CPU), in float32, clamped to [0, 1] before renormalising, with
+    no host sync. ``strength`` 0 returns ``images`` unchanged.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ArgumentError(
+            f"view_jitter={strength!r} must be in [0, 1]: the colour jitter's strength (1 = "
+            f"BYOL's). Fix: e.g. view_jitter=1.0, or 0 for none."
+        )
+    if strength == 0:
+        return images
+    n, dev = images.shape[0], images.device
+
+    def factors(spread: float) -> Tensor:
+        return 1.0 + spread * strength * (2.0 * torch.rand(n, 1, 1, 1, device=dev) - 1.0)
+
+    on = (torch.rand(n, 1, 1, 1, device=dev) < 0.8).float()
+    bright, contrast, sat = (1.0 + on * (factors(s) - 1.0) for s in (0.4, 0.4, 0.2))
+    sat = sat * (torch.rand(n, 1, 1, 1, device=dev) >= 0.2 * strength).float()  # grey: saturation 0
+    mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(_STD, device=dev).view(1, 3, 1, 1)
+    grey_w = torch.tensor(_GREY, device=dev).view(1, 3, 1, 1)
+    x = (images.float() * std + mean) * bright
+    x = x.clamp(0.0, 1.0)
+    level = (x * grey_w).sum(dim=1, keepdim=True).mean(dim=(-2, -1), keepdim=True)
+    x = ((x - level) * contrast + level).clamp(0.0, 1.0)
+    grey = (x * grey_w).sum(dim=1, keepdim=True)
+    x = (grey + (x - grey) * sat).clamp(0.0, 1.0)
+    return ((x - mean) / std).to(images.dtype)

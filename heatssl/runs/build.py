@@ -33,6 +33,7 @@ QBHEAT_KEYS = {
             "latent_head",
             "global_weight",
             "teacher_resolution",
+            "view_jitter",
         )
     },
     "teacher_momentum": "loss.teacher_momentum",
@@ -88,4 +89,5 @@ def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
             latent_head=lo.latent_head,
             global_weight=lo.global_weight,
             teacher_resolution=lo.teacher_resolution,
+            view_jitter=lo.view_jitter,
         )

@@ -16,6 +16,7 @@ from heatssl.model.optim import weight_decay_groups
 from heatssl.model.quadrants import crop_quadrant
 from heatssl.model.teacher import (
     EmaTeacher,
+    colour_jitter,
     feature_spread,
     latent_loss,
     standardize_cells,
@@ -212,6 +213,8 @@ def test_the_global_term_pools_the_quarter_against_the_teachers_whole_image(spec
         (dict(global_weight=1.0), "global_weight=1.0 needs an EMA teacher"),
         (dict(teacher_resolution="quarter"), "teacher_resolution='quarter' is not allowed"),
         (dict(latent_head=-1), "latent_head=-1 must be >= 0"),
+        (dict(view_jitter=0.5), "view_jitter=0.5 needs an EMA teacher"),
+        (dict(target="both", view_jitter=1.5), r"view_jitter=1.5 must be in \[0, 1\]"),
         (dict(target="latent"), "target='latent' is not allowed. Allowed: 'pixels', 'teacher'"),
         (dict(latent_loss="mse"), "latent_loss='mse' is not allowed"),
         (dict(teacher_momentum=1.2), r"teacher_momentum=1.2 must be in \[0, 1\]"),
@@ -232,6 +235,56 @@ def test_config_keys_are_checked():
         load_config("demo", ["loss.teacher_momentum=2.0"])
     with pytest.raises(ConfigError, match=r"loss\.target"):
         load_config("demo", ["loss.target=latent"])
+    for bad in (["loss.view_jitter=0.5"], ["loss.target=both", "loss.view_jitter=-0.1"]):
+        with pytest.raises(ConfigError, match=r"loss\.view_jitter=.*fix: loss\.view_jitter=1\.0"):
+            load_config("demo", bad)
+
+
+# --------------------------------------------------------------------------- two colourings
+
+
+def test_colour_jitter_draws_per_image_colourings_that_stay_images():
+    from heatssl.model.teacher import _MEAN, _STD
+
+    torch.manual_seed(0)
+    mean, std = torch.tensor(_MEAN).view(1, 3, 1, 1), torch.tensor(_STD).view(1, 3, 1, 1)
+    images = (torch.rand(400, 3, 8, 8) - mean) / std  # valid images in [0, 1], normalised
+    assert colour_jitter(images, 0.0) is images
+    out = colour_jitter(images, 1.0)
+    raw = out * std + mean
+    assert out.shape == images.shape and raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    changed = (out - images).abs().flatten(1).amax(dim=1) > 1e-3
+    assert 0.7 < changed.float().mean() < 0.95  # jittered with p 0.8, or turned grey with p 0.2
+    grey = (raw.amax(dim=1) - raw.amin(dim=1)).flatten(1).amax(dim=1) < 1e-4
+    assert 0.1 < grey.float().mean() < 0.3  # grey with probability 0.2 * strength
+    mild = colour_jitter(images, 0.25) * std + mean  # a quarter of the strength: smaller changes
+    assert (mild - images * std - mean).abs().mean() < (raw - images * std - mean).abs().mean() / 2
+    with pytest.raises(ArgumentError, match=r"view_jitter=-1 must be in \[0, 1\]"):
+        colour_jitter(images, -1)
+
+
+@pytest.mark.parametrize("spec", [RESNET_OS16, VIT], ids=["cnn", "vit"])
+def test_view_jitter_gives_student_and_teacher_two_colourings_while_training_only(spec):
+    model = _model(spec, target="both", heat_dim=8, global_weight=1.0, view_jitter=1.0)
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    for name, net in (("student", model.backbone), ("teacher", model.teacher.backbone)):
+        net.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0]))
+    images, q = _images(8, spec[1]), torch.zeros(8, dtype=torch.long)  # kept quadrant 0
+    torch.manual_seed(1)
+    model.train()
+    out = model(images, quadrant=q)
+    student, teacher = seen["student"][-1], seen["teacher"][-1]
+    half = spec[1] // 2
+    assert not torch.allclose(student, crop_quadrant(images, q))  # the student's view is jittered
+    assert not torch.allclose(teacher[..., :half, :half], student)  # and the teacher's another
+    torch.manual_seed(1)  # the pixel target is the student's own view
+    view = colour_jitter(images, 1.0)
+    torch.testing.assert_close(student, crop_quadrant(view, q))
+    assert torch.isfinite(out.loss)
+    model.eval()  # pictures and evaluation see the images as they are
+    model(images, quadrant=q)
+    torch.testing.assert_close(seen["student"][-1], crop_quadrant(images, q))
+    torch.testing.assert_close(seen["teacher"][-1], images)
 
 
 # --------------------------------------------------------------------------- a Lightning run
