@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         machines[file] = report.get("machine", {}).get("cpu_model", "?")
     provenance = {
         "command": "python scripts/levers_table.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "source": "the final probes of each compare.py run named in a row's file and command",
         "machines": machines,
