@@ -29,6 +29,7 @@ from heatssl.model.teacher import (
     EmaTeacher,
     Encoder,
     LatentLoss,
+    check_jitter,
     check_momentum,
     colour_jitter,
     feature_spread,
@@ -235,7 +236,7 @@ class QBHeat(nn.Module):
                 f"teacher's views differ), and target='pixels' has none. Fix: target='both', or "
                 f"view_jitter=0."
             )
-        colour_jitter(torch.zeros(1, 3, 1, 1), view_jitter)  # its range check, at build time
+        check_jitter(view_jitter)
         self.global_weight, self.teacher_resolution = global_weight, teacher_resolution
         self.view_jitter = view_jitter
         self.global_head: nn.Module | None = (

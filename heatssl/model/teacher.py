@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # as heatssl's loaders normalise
 from torch import Tensor, nn
 
 from heatssl.errors import ArgumentError, check_choice
@@ -32,8 +33,6 @@ LatentLoss = Literal["smooth_l1", "cosine"]
 """How a predicted cell is scored against the teacher's: ``smooth_l1`` (data2vec) or ``cosine``."""
 Encoder = Literal["student", "teacher"]
 """Which encoder a run's backbone is: the trained ``student`` or its EMA ``teacher``."""
-_MEAN = (0.485, 0.456, 0.406)  # ImageNet's, as heatssl's loaders normalise (timm's defaults)
-_STD = (0.229, 0.224, 0.225)
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, torchvision's rgb_to_grayscale
 
 
@@ -138,6 +137,15 @@ def feature_spread(grid: Tensor) -> Tensor:
     return pooled.std(dim=0, unbiased=False).mean()
 
 
+def check_jitter(strength: float) -> None:
+    """Refuse a colour-jitter strength outside [0, 1]."""
+    if not 0.0 <= strength <= 1.0:
+        raise ArgumentError(
+            f"view_jitter={strength!r} must be in [0, 1]: the colour jitter's strength (1 = "
+            f"BYOL's). Fix: e.g. view_jitter=1.0, or 0 for none."
+        )
+
+
 def colour_jitter(images: Tensor, strength: float) -> Tensor:
     """A photometric view of ImageNet-normalised ``images`` (N, 3, H, W), drawn per image.
 
@@ -147,11 +155,7 @@ def colour_jitter(images: Tensor, strength: float) -> Tensor:
     the batch where it lies (GPU or CPU), in float32, clamped to [0, 1] before renormalising, with
     no host sync. ``strength`` 0 returns ``images`` unchanged.
     """
-    if not 0.0 <= strength <= 1.0:
-        raise ArgumentError(
-            f"view_jitter={strength!r} must be in [0, 1]: the colour jitter's strength (1 = "
-            f"BYOL's). Fix: e.g. view_jitter=1.0, or 0 for none."
-        )
+    check_jitter(strength)
     if strength == 0:
         return images
     n, dev = images.shape[0], images.device
@@ -162,8 +166,8 @@ def colour_jitter(images: Tensor, strength: float) -> Tensor:
     on = (torch.rand(n, 1, 1, 1, device=dev) < 0.8).float()
     bright, contrast, sat = (1.0 + on * (factors(s) - 1.0) for s in (0.4, 0.4, 0.2))
     sat = sat * (torch.rand(n, 1, 1, 1, device=dev) >= 0.2 * strength).float()  # grey: saturation 0
-    mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(_STD, device=dev).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=dev).view(1, 3, 1, 1)
     grey_w = torch.tensor(_GREY, device=dev).view(1, 3, 1, 1)
     x = (images.float() * std + mean) * bright
     x = x.clamp(0.0, 1.0)

@@ -244,10 +244,11 @@ def test_config_keys_are_checked():
 
 
 def test_colour_jitter_draws_per_image_colourings_that_stay_images():
-    from heatssl.model.teacher import _MEAN, _STD
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     torch.manual_seed(0)
-    mean, std = torch.tensor(_MEAN).view(1, 3, 1, 1), torch.tensor(_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     images = (torch.rand(400, 3, 8, 8) - mean) / std  # valid images in [0, 1], normalised
     assert colour_jitter(images, 0.0) is images
     out = colour_jitter(images, 1.0)
