@@ -11,9 +11,10 @@ on any machine, a GPU included. Per recipe, at its own image size, per image:
   batch), ``decoder`` and ``loss`` (the pixel loss: element-wise, so 0 here); with ``loss.target``
   ``teacher`` or ``both``, ``teacher`` (the EMA teacher's forward on the whole image, no backward),
   ``latent_head`` and ``global_head`` (the MLPs of ``loss.latent_head`` and ``loss.global_weight``,
-  0 without them). Each part is counted on its own with the inputs it gets in the step (requiring
-  grad where the step back-propagates through them), and their sum is checked against a count of
-  the whole step;
+  0 without them); with ``loss.pair_weight``, ``pair`` (the encoder and projection on a second
+  quadrant, forward and backward, and the pair term's MLP). Each part is counted on its own with
+  the inputs it gets in the step (requiring grad where the step back-propagates through them), and
+  their sum is checked against a count of the whole step;
 * ``full_standard``: the same backbone as timm builds it by default (no ``output_stride``
   dilation) on the whole image, forward and backward: what a full-image method pays per image;
 * ``full_same``: the whole image through QB-Heat's own encoder construction (dilated where the recipe
@@ -46,7 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from heatssl.config import CONFIG_DIR, Config, load_config
 from heatssl.model.backbone import Backbone
-from heatssl.model.qbheat import QBHeat, reconstruction_loss
+from heatssl.model.pixels import reconstruction_loss
+from heatssl.model.qbheat import QBHeat
 from heatssl.model.quadrants import crop_quadrant, quadrant_mask
 from heatssl.runs.build import build_qbheat
 from heatssl.runs.markdown import markdown_table
@@ -62,6 +64,7 @@ PARTS = (
     "teacher",
     "latent_head",
     "global_head",
+    "pair",
 )
 NO_BACKWARD = {"teacher"}  # the EMA teacher runs without gradient: forward only
 BATCH = 2  # images per count (per-image figures divide by it; BatchNorm needs more than one)
@@ -140,6 +143,10 @@ def part_flops(model: QBHeat, images: Tensor, q: Tensor) -> dict[str, dict[str, 
         calls["latent_head"] = lambda: model.latent_prediction(leaf(grid))
     if model.global_head is not None:
         calls["global_head"] = lambda: model.global_head(leaf(z).float().mean(dim=(-2, -1)))
+    if model.pair_term is not None:  # which second quadrant does not change the count
+        q2, term = (q + 1) % 4, model.pair_term
+        second = crop_quadrant(images, q2)
+        calls["pair"] = lambda: term(leaf(z), model.project(backbone(second, quadrant=q2)))
     if heat is not None and model.commute_weight > 0 and heat.operators.A.requires_grad:
         calls["commutator"] = lambda: heat.operators.commutator(model.commute_probes)
     out: dict[str, dict[str, int]] = {}
@@ -207,6 +214,7 @@ def budget(name: str, cfg: Config) -> dict[str, Any]:
 
 
 HEADERS = {"heat_loss": "heat loss", "latent_head": "latent head", "global_head": "global head"}
+HEADERS["pair"] = "second quadrant"
 
 
 def label(r: dict[str, Any]) -> str:

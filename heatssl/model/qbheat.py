@@ -18,6 +18,8 @@ from heatssl.model.backbone import Backbone
 from heatssl.model.decoder import ConvDecoder, DecoderNorm
 from heatssl.model.heat import InitRule, PredictorKind, StepRule, build_predictor
 from heatssl.model.heat_loss import HeatLoss
+from heatssl.model.pair import PairTerm, other_quadrants
+from heatssl.model.pixels import patch_normalize, reconstruction_loss
 from heatssl.model.quadrants import (
     QUADRANTS,
     QuadrantChoice,
@@ -44,32 +46,6 @@ Target = Literal["pixels", "teacher", "both"]
 """What the extrapolated grid is trained to match: pixels (the paper), an EMA teacher's grid, both."""
 
 
-def patch_normalize(images: Tensor, patch: int, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
-    """Standardise every non-overlapping ``patch`` x ``patch`` cell over its pixels and channels.
-
-    Returns the normalised images and the per-pixel mean and std (broadcast back to (N, C, H, W)), as
-    MAE's norm_pix_loss does for its targets.
-    """
-    n, c, h, w = images.shape
-    cells = images.reshape(n, c, h // patch, patch, w // patch, patch)
-    mean = cells.mean(dim=(1, 3, 5), keepdim=True)
-    std = (cells.var(dim=(1, 3, 5), keepdim=True, unbiased=False) + eps).sqrt()
-    expand = (n, c, h // patch, patch, w // patch, patch)
-    return (
-        ((cells - mean) / std).reshape(n, c, h, w),
-        mean.expand(expand).reshape(n, c, h, w),
-        std.expand(expand).reshape(n, c, h, w),
-    )
-
-
-def reconstruction_loss(pred: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-    """Mean squared error over the pixels where ``weight`` (N, 1, H, W) is 1 (all when None)."""
-    err = (pred.float() - target.float()).pow(2).mean(dim=1, keepdim=True)
-    if weight is None:
-        return err.mean()
-    return (err * weight).sum() / weight.sum().clamp_min(1.0)
-
-
 @dataclass
 class QBHeatOutput:
     """What one QB-Heat forward gives: the total loss, its parts, and the tensors for pictures."""
@@ -84,6 +60,7 @@ class QBHeatOutput:
     latent: Tensor | None = None  # the loss against the EMA teacher's grid (target teacher / both)
     global_latent: Tensor | None = None  # 1 - cos of the pooled prediction and the teacher's pool
     teacher_spread: Tensor | None = None  # batch std of the teacher's pooled grid: ~0 = collapse
+    pair: Tensor | None = None  # the two kept quadrants' invariance term (pair_weight > 0)
 
 
 class QBHeat(nn.Module):
@@ -135,6 +112,9 @@ class QBHeat(nn.Module):
             drawn apart for the student's and the teacher's input while training (needs a teacher):
             the same crop in two colourings, so the latent and global targets ask for colour
             invariance (the views of BYOL and SimCLR); the pixel target is the student's own view.
+        pair_weight: Weight of the two-quadrant invariance term (:mod:`~heatssl.model.pair`): while
+            training the student also encodes a second, different quadrant of the image, and the
+            two pooled grids predict each other (SimSiam's loss); no teacher needed. 0: off.
     """
 
     def __init__(
@@ -164,6 +144,7 @@ class QBHeat(nn.Module):
         global_weight: float = 0.0,
         teacher_resolution: TeacherResolution = "full",
         view_jitter: float = 0.0,
+        pair_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_choice("region", region, LossRegion)
@@ -173,7 +154,11 @@ class QBHeat(nn.Module):
         check_choice("teacher_resolution", teacher_resolution, TeacherResolution)
         check_momentum(teacher_momentum)
         weights = ("teacher_weight", teacher_weight), ("pixel_weight", pixel_weight)
-        for name, value in (*weights, ("global_weight", global_weight)):
+        for name, value in (
+            *weights,
+            ("global_weight", global_weight),
+            ("pair_weight", pair_weight),
+        ):
             if not value >= 0:
                 raise ArgumentError(
                     f"{name}={value!r} must be >= 0: a loss weight. Fix: e.g. {name}=1.0."
@@ -244,6 +229,8 @@ class QBHeat(nn.Module):
             if global_weight > 0
             else None
         )
+        self.pair_weight = pair_weight
+        self.pair_term = PairTerm(dim) if pair_weight > 0 else None
         # Built last, from the initial student: nothing at all with pixel targets.
         self.teacher = EmaTeacher(backbone, self.project) if target != "pixels" else None
 
@@ -334,6 +321,12 @@ class QBHeat(nn.Module):
             loss = self.pixel_weight * rec + self.teacher_weight * latent
         if glob is not None:
             loss = loss + self.global_weight * glob
+        pair = None
+        if self.pair_term is not None and self.training:
+            q2 = other_quadrants(q)
+            z2 = self.project(self.backbone(crop_quadrant(seen, q2), quadrant=q2))
+            pair = self.pair_term(z, z2)
+            loss = loss + self.pair_weight * pair
         if self.heat_loss is not None and self.heat_weight > 0:
             heat = self.heat_loss(z)
             loss = loss + self.heat_weight * heat
@@ -355,6 +348,7 @@ class QBHeat(nn.Module):
             latent,
             teacher_spread=spread,
             global_latent=glob,
+            pair=pair,
         )
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ QBHEAT_KEYS = {
             "global_weight",
             "teacher_resolution",
             "view_jitter",
+            "pair_weight",
         )
     },
     "teacher_momentum": "loss.teacher_momentum",
@@ -90,4 +91,5 @@ def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
             global_weight=lo.global_weight,
             teacher_resolution=lo.teacher_resolution,
             view_jitter=lo.view_jitter,
+            pair_weight=lo.pair_weight,
         )

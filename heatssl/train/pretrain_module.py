@@ -139,6 +139,8 @@ class HeatPretrainModule(L.LightningModule):
             parts["train/latent"] = out.latent
         if out.global_latent is not None:
             parts["train/global"] = out.global_latent
+        if out.pair is not None:
+            parts["train/pair"] = out.pair
         self._watch_loss(parts)
         if out.teacher_spread is not None:  # a diagnostic, not a loss: not watched for NaN
             parts["train/teacher_spread"] = self._spread = out.teacher_spread

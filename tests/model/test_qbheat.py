@@ -10,7 +10,8 @@ from heatssl.errors import ArgumentError
 from heatssl.model.backbone import Backbone
 from heatssl.model.heat import MaskTokenPredictor
 from heatssl.model.heat_loss import HeatLoss
-from heatssl.model.qbheat import QBHeat, QBHeatOutput, patch_normalize, reconstruction_loss
+from heatssl.model.pixels import patch_normalize, reconstruction_loss
+from heatssl.model.qbheat import QBHeat, QBHeatOutput
 from heatssl.model.quadrants import crop_quadrant
 
 # (Backbone kwargs, image size): the smallest sizes whose kept quarter gives a >= 2 x 2 grid.

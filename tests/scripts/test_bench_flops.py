@@ -70,6 +70,22 @@ def test_the_teacher_forward_and_the_latent_heads_are_in_the_budget(tmp_path):
     assert 0 < small["parts"]["teacher"]["forward"] <= teacher["forward"] / 3  # a quarter's pixels
 
 
+def test_the_second_quadrant_costs_one_more_encoder_pass(tmp_path):
+    """loss.pair_weight: a second quarter through the encoder, forward and backward, counted."""
+    rows = {}
+    for name, extra in (("plain", []), ("pair", ["--override=loss.pair_weight=1.0"])):
+        out = tmp_path / f"{name}.json"
+        assert bench_flops.main(["--recipes", "demo", "--out", str(out), *extra]) == 0
+        (rows[name],) = json.loads(out.read_text())["raw"]
+    pair, plain = rows["pair"], rows["plain"]
+    assert pair["check_sum_equals_step"] == {"forward": True, "forward_backward": True}
+    assert plain["parts"]["pair"]["forward"] == 0
+    encoder = plain["parts"]["encoder"]["forward_backward"]
+    assert encoder <= pair["parts"]["pair"]["forward_backward"] <= 1.1 * encoder
+    gap = pair["qbheat"]["forward_backward"] - plain["qbheat"]["forward_backward"]
+    assert gap == pair["parts"]["pair"]["forward_backward"]
+
+
 def test_the_json_is_a_docs_table_whose_columns_are_the_parts_some_row_has(tmp_path):
     sys.path.insert(0, str(SCRIPTS))
     import tables
