@@ -24,9 +24,10 @@ from heatssl.model.teacher import Encoder, LatentLoss
 
 
 def must(ok: bool, key: str, value: Any, rule: str) -> None:
-    """Refuse ``key=value`` unless ``ok``, saying what ``rule`` it must follow."""
+    """Refuse ``key=value`` unless ``ok``, saying what ``rule`` it must follow and the fix."""
     if not ok:
-        raise ConfigError(f"{key}={value!r} must be {rule}.")
+        fix = "" if "fix:" in rule else f"; fix: set {key} in the YAML config or as {key}=VALUE"
+        raise ConfigError(f"{key}={value!r} must be {rule}{fix}.")
 
 
 def positive(section: str, obj: Any, *names: str) -> None:

@@ -49,6 +49,7 @@ def rows_of(label: str, path: Path) -> list[dict[str, Any]]:
     data = f"{Path(args['data']).name}, {args['image_size']} px, {args['minutes']:g} min"
     rows = []
     single = len(report["results"]) == 1  # a run of several methods: LightlySSL's by their names
+    seed = f", seed {args['seed']}" if args.get("seed") else ""  # told apart from a seed-0 run's
     for name, result in report["results"].items():
         last = result["exports"][-1]
         settings = " ".join(args.get("overrides", [])) if name.startswith("heatssl") else ""
@@ -61,7 +62,9 @@ def rows_of(label: str, path: Path) -> list[dict[str, Any]]:
             figures = [probes[k] for k in ("linear", "knn", "tran1") if k in probes]
             rows.append(
                 {
-                    "row": f"{label if name.startswith('heatssl') or single else NAMES[name]}{suffix}",
+                    "row": f"{label}{suffix}"
+                    if name.startswith("heatssl") or single
+                    else f"{NAMES[name]}{seed}{suffix}",
                     "data": data,
                     "settings": f"`{settings}`" if settings else "-",
                     "images_per_s": f"{result.get('images_per_second', 0):.0f}",

@@ -66,6 +66,22 @@ def test_bad_values_are_refused_with_the_fix(override, needle):
         load_config("demo", [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "fix"),
+    [
+        (
+            "heat.heat_weight=-1",
+            "fix: set heat.heat_weight in the YAML config or as heat.heat_weight=",
+        ),
+        ("loss.global_weight=1.0", "fix: loss.target=both"),  # the rule's own fix, not a second one
+    ],
+)
+def test_range_errors_name_one_fix(override, fix):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert fix in str(err.value) and str(err.value).count("fix:") == 1
+
+
 def test_unknown_recipe_lists_the_bundled_ones():
     with pytest.raises(ConfigError) as err:
         load_config("no_such_recipe")

@@ -5,7 +5,9 @@ different quadrant of the same image, and each quadrant's pooled grid, through a
 predictor), predicts the other's pooled grid with gradients stopped (SimSiam's symmetric
 ``1 - cos`` loss, Chen and He 2021). Neighbouring quarters of one photo mostly show one object, so
 the term asks the pooled features that a kNN probe compares to agree across the object's parts; it
-needs no EMA teacher. Pure torch: no Lightning, no files.
+needs no EMA teacher. Unlike SimSiam, the predictor has no BatchNorm and no bottleneck (Linear, GELU,
+Linear at the grid's width) and there is no projector MLP: the pooled grid of the heat operators'
+channels is the target itself. Pure torch: no Lightning, no files.
 """
 
 from __future__ import annotations

@@ -54,15 +54,25 @@ def test_pair_term_is_simsiams_symmetric_loss_with_stopped_targets():
     assert same(x, -x).item() == pytest.approx(2.0, abs=1e-6)
 
 
-def test_pair_term_detaches_the_target_pool():
+def test_pair_term_detaches_the_target_pool_on_both_sides():
     term = PairTerm(4)
     term.predictor = nn.Identity()
     a = torch.randn(2, 4, 1, 1, requires_grad=True)
-    b = torch.randn(2, 4, 1, 1)
-    loss = 1 - F.cosine_similarity(a.mean(dim=(-2, -1)), b.mean(dim=(-2, -1)), dim=1).mean()
-    (grad_by_hand,) = torch.autograd.grad(0.5 * loss, a)  # only a's own prediction pulls it
-    (grad,) = torch.autograd.grad(term(a, b), a)
-    torch.testing.assert_close(grad, grad_by_hand)
+    b = torch.randn(2, 4, 1, 1, requires_grad=True)
+
+    def one_sided(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        cos = F.cosine_similarity(pred.mean(dim=(-2, -1)), target.mean(dim=(-2, -1)), dim=1)
+        return 0.5 * (1 - cos.mean())
+
+    # each view is pulled only by its own prediction; the other side's pool is a constant target
+    (a_by_hand,) = torch.autograd.grad(one_sided(a, b.detach()), a)
+    (b_by_hand,) = torch.autograd.grad(one_sided(b, a.detach()), b)
+    a_grad, b_grad = torch.autograd.grad(term(a, b), (a, b))
+    torch.testing.assert_close(a_grad, a_by_hand)
+    torch.testing.assert_close(b_grad, b_by_hand)
+    # without the stop-gradient each view would also be pulled as the other's target
+    (both_ways,) = torch.autograd.grad(one_sided(a, b) + one_sided(b, a), a)
+    assert not torch.allclose(both_ways, a_by_hand)
 
 
 @pytest.mark.parametrize("target", ["pixels", "both"])

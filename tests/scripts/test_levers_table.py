@@ -58,3 +58,15 @@ def test_a_run_of_several_methods_names_the_lightlyssl_rows_by_their_method(tmp_
     rows = json.loads(out.read_text())["rows"]
     assert [r["row"] for r in rows] == ["heatssl, teacher", "SimCLR (LightlySSL)"]
     assert rows[1]["settings"] == "-"  # --set changes the heatssl rows only
+
+
+def test_the_lightlyssl_rows_of_a_seed_1_run_say_their_seed(tmp_path):
+    run = {"heatssl": _method({"linear": 50.0}), "mocov2": _method({"linear": 49.0})}
+    path = _run(tmp_path / "s.json", run)
+    report = json.loads(path.read_text())
+    report["args"]["seed"] = 1
+    path.write_text(json.dumps(report))
+    out = tmp_path / "s_table.json"
+    assert levers_table.main([f"the recipe, seed 1={path}", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["row"] for r in rows] == ["the recipe, seed 1", "MoCo-v2 (LightlySSL), seed 1"]
