@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import machine
+from benchlib import machine, provenance
 
 from heatssl.config import load_config
 from heatssl.finetuning.finetune import finetune
@@ -106,15 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_done and out.is_file():
         results = json.loads(out.read_text())["results"]
     done = {(r["start"], r["label_fraction"], r.get("seed", 0)) for r in results}
+    header = {**provenance("scripts/bench_finetune.py", argv), "machine": machine()}
     for fraction in args.fractions:
         for name, source in starts.items():
             if (name, fraction, args.seed) in done:
                 continue
             results.append(run_one(args, name, source, fraction))
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(
-                json.dumps({"machine": machine(), "args": vars(args), "results": results}, indent=2)
-            )
+            out.write_text(json.dumps({**header, "args": vars(args), "results": results}, indent=2))
             r = results[-1]
             print(
                 f"{name} labels {fraction:g}: best top-1 {r['best_top1']:.2f}, final "

@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: the machine a JSON's figures come from, and how busy it was.
 
 - :func:`machine`: versions, threads, CPUs and load (every benchmark JSON's ``machine`` entry).
+- :func:`provenance`: the command, date and commit a benchmark JSON's figures come from.
 - :class:`CpuLoad`: the share of CPU time other processes used while a benchmark ran.
 - :func:`wait_with_rusage` and :func:`peak_rss_gib`: a child's or this process's own peak memory.
 """
@@ -11,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -19,6 +21,16 @@ from typing import Any
 
 import timm
 import torch
+
+
+def provenance(script: str, argv: list[str] | None = None) -> dict[str, str]:
+    """The command that ran ``script`` (``argv``, else this process's), the date and the commit."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    return {
+        "command": "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "heatssl_commit": f"{commit.strip()} (with the working tree's changes, if any)",
+    }
 
 
 def machine(requested_threads: int | None = None) -> dict[str, Any]:

@@ -28,7 +28,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no bars i
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import machine, peak_rss_gib
+from benchlib import machine, peak_rss_gib, provenance
 from compare_methods import build_method
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -314,11 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     report: dict[str, Any] = {
-        "command": "python " + shlex.join(["scripts/compare.py", *(argv or sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "heatssl_commit": f"{commit.strip()} (with the working tree's changes, if any)",
+        **provenance("scripts/compare.py", argv),
         "machine": machine(),
         "args": vars(args),
         "results": {},
