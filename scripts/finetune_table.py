@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import tables
 
 
 def fractions_of(results: list[dict[str, Any]]) -> list[float]:
@@ -143,18 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     labels = dict(pair.split("=", 1) for pair in args.label)
     columns, rows = table_of(results, labels, exports_of([Path(f) for f in args.compare]))
-    provenance = {
-        "command": "python scripts/finetune_table.py "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "source": "best val top-1 of each bench_finetune.py run; frozen probes and images seen "
-        "from the compare.py run that wrote the same export",
-        "runs": commands,
-        "note": args.note,
-        "units": "val top-1 (%); * marks a run resumed from its last.ckpt",
-    }
-    table = {"provenance": provenance, "columns": columns, "rows": rows}
-    Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
+    source = (
+        "best val top-1 of each bench_finetune.py run; frozen probes and images seen from the "
+        "compare.py run that wrote the same export"
+    )
+    units = "val top-1 (%); * marks a run resumed from its last.ckpt"
+    about = {"source": source, "runs": commands, "note": args.note, "units": units}
+    tables.save(args.out, "scripts/finetune_table.py", argv, columns, rows, **about)
     print(f"written {args.out}: {len(rows)} rows")
     return 0
 

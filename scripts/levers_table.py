@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+import tables
 
 COLUMNS = [
     ("row", "row"),
@@ -106,18 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         rows += rows_of(label, Path(file))
         report = json.loads(Path(file).read_text())
         machines[file] = report.get("machine", {}).get("cpu_model", "?")
-    provenance = {
-        "command": "python scripts/levers_table.py "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "source": "the final probes of each compare.py run named in a row's file and command",
-        "machines": machines,
-        "note": args.note,
-        "units": "val top-1 (%) of heatssl's probes; images/s of pretraining",
-    }
     columns = [{"key": k, "header": h} for k, h in COLUMNS]
-    table = {"provenance": provenance, "columns": columns, "rows": rows}
-    Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
+    tables.save(
+        args.out,
+        "scripts/levers_table.py",
+        argv,
+        columns,
+        rows,
+        source="the final probes of each compare.py run named in a row's file and command",
+        machines=machines,
+        note=args.note,
+        units="val top-1 (%) of heatssl's probes; images/s of pretraining",
+    )
     print(f"written {args.out}: {len(rows)} rows")
     return 0
 

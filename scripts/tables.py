@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,25 @@ def render(table: dict[str, Any]) -> str:
             cells[where] += f" ({run['mark']})"
         rows.append(cells)
     return markdown_table([c["header"] for c in columns], rows)
+
+
+def save(
+    path: Path | str,
+    script: str,
+    argv: list[str] | None,
+    columns: list[dict[str, str]],
+    rows: list[dict[str, Any]],
+    **provenance: Any,
+) -> None:
+    """Write one table's JSON, its provenance led by the command that made it and the date."""
+    command = "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+    provenance = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **provenance,
+    }
+    table = {"provenance": provenance, "columns": columns, "rows": rows}
+    Path(path).write_text(json.dumps(table, indent=2) + "\n")
 
 
 def load(path: Path) -> dict[str, Any]:
