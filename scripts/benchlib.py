@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -21,14 +20,14 @@ from typing import Any
 
 import timm
 import torch
+from tables import command_and_date
 
 
 def provenance(script: str, argv: list[str] | None = None) -> dict[str, str]:
     """The command that ran ``script`` (``argv``, else this process's), the date and the commit."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     return {
-        "command": "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **command_and_date(script, argv),
         "heatssl_commit": f"{commit.strip()} (with the working tree's changes, if any)",
     }
 

@@ -8,8 +8,8 @@ pretraining images of that start, so a fine-tuning row and its pretraining row a
 
 Usage::
 
-    python scripts/finetune_table.py --out results/finetune15.json \\
-        --compare results/compare15_seed1.json results/finetune15_seed1.json \\
+    python scripts/finetune_table.py results/finetune15_seed1.json --out results/finetune15.json \\
+        --compare results/compare15_seed1.json \\
         --label "qbheat=QB-Heat (the recipe)" --label "simclr=SimCLR (LightlySSL)"
 """
 
@@ -50,13 +50,13 @@ def seeds_cell(runs: dict[int, dict[str, Any]]) -> dict[str, str] | str:
 
 
 def exports_of(compare_files: list[Path]) -> dict[str, dict[str, Any]]:
-    """Every export of the compare.py runs, by its path: method, images seen, probes, file."""
+    """Every export of the compare.py runs, by its path: images seen, probes, file."""
     found = {}
     for file in compare_files:
         report = json.loads(file.read_text())
-        for method, result in report["results"].items():
+        for result in report["results"].values():
             for export in result["exports"]:
-                found[str(Path(export["path"]))] = {"method": method, "file": str(file), **export}
+                found[str(Path(export["path"]))] = {"file": str(file), **export}
     return found
 
 

@@ -87,6 +87,14 @@ def render(table: dict[str, Any]) -> str:
     return markdown_table([c["header"] for c in columns], rows)
 
 
+def command_and_date(script: str, argv: list[str] | None = None) -> dict[str, str]:
+    """The command that ran ``script`` (``argv``, else this process's) and the date, for a JSON."""
+    return {
+        "command": "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
 def save(
     path: Path | str,
     script: str,
@@ -96,12 +104,7 @@ def save(
     **provenance: Any,
 ) -> None:
     """Write one table's JSON, its provenance led by the command that made it and the date."""
-    command = "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
-    provenance = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        **provenance,
-    }
+    provenance = {**command_and_date(script, argv), **provenance}
     table = {"provenance": provenance, "columns": columns, "rows": rows}
     Path(path).write_text(json.dumps(table, indent=2) + "\n")
 
