@@ -126,6 +126,7 @@ class LossConfig:
         0.0  # colour jitter strength, drawn apart for student and teacher (0: none)
     )
     pair_weight: float = 0.0  # a second kept quadrant; its pool and the first's predict each other
+    uniform_weight: float = 0.0  # spread the batch's pooled quarters on the sphere (Wang-Isola)
     encoder: Encoder = "student"  # the run's backbone (export, probe, fine-tune): student / teacher
     collapse_spread: float = (
         0.01  # a teacher whose targets spread less has collapsed: stop (0: off)
@@ -142,6 +143,7 @@ class LossConfig:
             "latent_head",
             "global_weight",
             "pair_weight",
+            "uniform_weight",
         )
         must(
             self.global_weight == 0 or self.target != "pixels",

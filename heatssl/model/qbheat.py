@@ -37,6 +37,7 @@ from heatssl.model.teacher import (
     feature_spread,
     latent_loss,
 )
+from heatssl.model.uniformity import UniformityLoss
 
 LossRegion = Literal["masked", "full"]
 """Pixels the reconstruction loss scores: the three ``masked`` quadrants or the ``full`` image."""
@@ -61,6 +62,7 @@ class QBHeatOutput:
     global_latent: Tensor | None = None  # 1 - cos of the pooled prediction and the teacher's pool
     teacher_spread: Tensor | None = None  # batch std of the teacher's pooled grid: ~0 = collapse
     pair: Tensor | None = None  # the two kept quadrants' invariance term (pair_weight > 0)
+    uniform: Tensor | None = None  # uniformity of the pooled encoder grids (uniform_weight > 0)
 
 
 class QBHeat(nn.Module):
@@ -115,6 +117,10 @@ class QBHeat(nn.Module):
         pair_weight: Weight of the two-quadrant invariance term (:mod:`~heatssl.model.pair`): while
             training the student also encodes a second, different quadrant of the image, and the
             two pooled grids predict each other (SimSiam's loss); no teacher needed. 0: off.
+        uniform_weight: Weight of the uniformity term (:mod:`~heatssl.model.uniformity`) on the
+            backbone's pooled grids of the kept quarters, the features a kNN probe compares: it
+            spreads the batch's images apart on the sphere (Wang and Isola's uniformity, the
+            other half of a contrastive loss); no teacher, no second pass. 0: off.
     """
 
     def __init__(
@@ -145,6 +151,7 @@ class QBHeat(nn.Module):
         teacher_resolution: TeacherResolution = "full",
         view_jitter: float = 0.0,
         pair_weight: float = 0.0,
+        uniform_weight: float = 0.0,
     ) -> None:
         super().__init__()
         check_choice("region", region, LossRegion)
@@ -158,6 +165,7 @@ class QBHeat(nn.Module):
             *weights,
             ("global_weight", global_weight),
             ("pair_weight", pair_weight),
+            ("uniform_weight", uniform_weight),
         ):
             if not value >= 0:
                 raise ArgumentError(
@@ -231,6 +239,8 @@ class QBHeat(nn.Module):
         )
         self.pair_weight = pair_weight
         self.pair_term = PairTerm(dim) if pair_weight > 0 else None
+        self.uniform_weight = uniform_weight
+        self.uniformity = UniformityLoss() if uniform_weight > 0 else None
         # Built last, from the initial student: nothing at all with pixel targets.
         self.teacher = EmaTeacher(backbone, self.project) if target != "pixels" else None
 
@@ -327,6 +337,10 @@ class QBHeat(nn.Module):
             z2 = self.project(self.backbone(crop_quadrant(seen, q2), quadrant=q2))
             pair = self.pair_term(z, z2)
             loss = loss + self.pair_weight * pair
+        uniform = None
+        if self.uniformity is not None:
+            uniform = self.uniformity(block.float().mean(dim=(-2, -1)))
+            loss = loss + self.uniform_weight * uniform
         if self.heat_loss is not None and self.heat_weight > 0:
             heat = self.heat_loss(z)
             loss = loss + self.heat_weight * heat
@@ -349,6 +363,7 @@ class QBHeat(nn.Module):
             teacher_spread=spread,
             global_latent=glob,
             pair=pair,
+            uniform=uniform,
         )
 
     @torch.no_grad()

@@ -35,6 +35,7 @@ QBHEAT_KEYS = {
             "teacher_resolution",
             "view_jitter",
             "pair_weight",
+            "uniform_weight",
         )
     },
     "teacher_momentum": "loss.teacher_momentum",
@@ -92,4 +93,5 @@ def build_qbheat(cfg: Config, backbone: Backbone | None = None) -> QBHeat:
             teacher_resolution=lo.teacher_resolution,
             view_jitter=lo.view_jitter,
             pair_weight=lo.pair_weight,
+            uniform_weight=lo.uniform_weight,
         )

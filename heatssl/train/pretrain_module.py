@@ -141,6 +141,8 @@ class HeatPretrainModule(L.LightningModule):
             parts["train/global"] = out.global_latent
         if out.pair is not None:
             parts["train/pair"] = out.pair
+        if out.uniform is not None:
+            parts["train/uniform"] = out.uniform
         self._watch_loss(parts)
         if out.teacher_spread is not None:  # a diagnostic, not a loss: not watched for NaN
             parts["train/teacher_spread"] = self._spread = out.teacher_spread
