@@ -1,10 +1,13 @@
 """Shared by the tests: a tiny run config (timm test_resnet, 32 px synthetic images, CPU) and image
 folders holding every odd and unreadable kind of file."""
 
+import csv
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from heatssl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root."""
@@ -32,6 +35,13 @@ def tiny_settings(run_dir) -> list[str]:
         "trainer.progress_bar=false",
         "trainer.log_every_n_steps=1",
     ]
+
+
+def pretrain_logged(run_dir, setting: str, column: str) -> list[float]:
+    """The values of one ``metrics.csv`` column of a tiny demo pretraining run with ``setting``."""
+    assert main(["pretrain", "-c", "demo", *tiny_settings(run_dir), setting]) == 0
+    with (Path(run_dir) / "metrics.csv").open() as f:
+        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
 
 
 def same_on_every_rank(run_dir) -> list[str]:

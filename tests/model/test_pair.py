@@ -3,21 +3,18 @@ quadrants' pooled grids (``loss.pair_weight``), alone, inside QB-Heat, in a conf
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heatssl.cli import main
 from heatssl.config import ConfigError, load_config
 from heatssl.errors import ArgumentError
 from heatssl.model.pair import PairTerm, other_quadrants
 from heatssl.model.quadrants import crop_quadrant
 from heatssl.runs.build import build_qbheat
-from tests.helpers import tiny_settings
-from tests.model.test_qbheat import RESNET_OS16, VIT, _images, _model
+from tests.helpers import pretrain_logged
+from tests.model.test_qbheat import RESNET_OS16, VIT, _model, with_and_without
 
 
 def test_other_quadrants_differ_from_the_kept_one_and_cover_the_other_three():
@@ -78,10 +75,7 @@ def test_pair_term_detaches_the_target_pool_on_both_sides():
 @pytest.mark.parametrize("target", ["pixels", "both"])
 @pytest.mark.parametrize("spec", [RESNET_OS16, VIT], ids=["cnn", "vit"])
 def test_qbheat_encodes_a_second_quadrant_and_adds_the_term_while_training(spec, target):
-    images, q = _images(4, spec[1]), torch.tensor([0, 1, 2, 3])
-    base = _model(spec, target=target, heat_dim=8)
-    pair = _model(spec, target=target, heat_dim=8, pair_weight=0.5)
-    pair.load_state_dict(base.state_dict(), strict=False)
+    images, q, base, pair = with_and_without(spec, target, pair_weight=0.5)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     pair.backbone.register_forward_hook(
         lambda m, args, kwargs, out: seen.append((args[0], kwargs["quadrant"])), with_kwargs=True
@@ -114,8 +108,5 @@ def test_bad_pair_weight_is_refused_in_the_model_and_the_config():
 
 
 def test_pretrain_with_the_pair_term_logs_it(tmp_path):
-    settings = [*tiny_settings(tmp_path / "run"), "loss.pair_weight=1.0"]
-    assert main(["pretrain", "-c", "demo", *settings]) == 0
-    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
-    pairs = [float(r["train/pair"]) for r in rows if r.get("train/pair")]
+    pairs = pretrain_logged(tmp_path / "run", "loss.pair_weight=1.0", "train/pair")
     assert pairs and all(0 <= p <= 2 for p in pairs)

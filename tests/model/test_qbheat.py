@@ -33,6 +33,16 @@ def _images(n, size, seed=0):
     return F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def with_and_without(spec, target, **term):
+    """Four images one per quadrant, and two QB-Heats with the same weights: without and with
+    the optional ``term`` (e.g. ``pair_weight=0.5``), for tests of what the term adds."""
+    images, q = _images(4, spec[1]), torch.tensor([0, 1, 2, 3])
+    base = _model(spec, target=target, heat_dim=8)
+    other = _model(spec, target=target, heat_dim=8, **term)
+    other.load_state_dict(base.state_dict(), strict=False)  # the term's own parameters stay
+    return images, q, base, other
+
+
 def _masked_mse_by_hand(pred, target, q):
     """Mean over the three masked quadrants' pixels of the channel-mean squared error."""
     _, _, h, w = pred.shape

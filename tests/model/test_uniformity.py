@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from heatssl.cli import main
 from heatssl.config import ConfigError, load_config
 from heatssl.errors import ArgumentError
 from heatssl.model.uniformity import UniformityLoss
 from heatssl.runs.build import build_qbheat
-from tests.helpers import tiny_settings
-from tests.model.test_qbheat import RESNET_OS16, VIT, _images, _model
+from tests.helpers import pretrain_logged
+from tests.model.test_qbheat import RESNET_OS16, VIT, _model, with_and_without
 
 
 def _by_hand(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
@@ -76,10 +74,8 @@ def test_uniformity_of_one_image_is_zero_and_bad_input_is_refused():
 @pytest.mark.parametrize("target", ["pixels", "both"])
 @pytest.mark.parametrize("spec", [RESNET_OS16, VIT], ids=["cnn", "vit"])
 def test_qbheat_adds_the_uniformity_of_the_pooled_backbone_grids(spec, target):
-    images, q = _images(4, spec[1]), torch.tensor([0, 1, 2, 3])
-    base = _model(spec, target=target, heat_dim=8)
-    unif = _model(spec, target=target, heat_dim=8, uniform_weight=0.5)
-    unif.load_state_dict(base.state_dict())  # no parameters of its own
+    images, q, base, unif = with_and_without(spec, target, uniform_weight=0.5)
+    assert unif.state_dict().keys() == base.state_dict().keys()  # no parameters of its own
     for mode in (True, False):  # training and evaluation alike: the term is cheap
         base.train(mode), unif.train(mode)
         a, b = base(images, quadrant=q), unif(images, quadrant=q)
@@ -106,10 +102,7 @@ def test_bad_uniform_weight_is_refused_in_the_model_and_the_config():
 
 
 def test_pretrain_with_the_uniformity_logs_it(tmp_path):
-    settings = [*tiny_settings(tmp_path / "run"), "loss.uniform_weight=0.5"]
-    assert main(["pretrain", "-c", "demo", *settings]) == 0
-    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
-    values = [float(r["train/uniform"]) for r in rows if r.get("train/uniform")]
+    values = pretrain_logged(tmp_path / "run", "loss.uniform_weight=0.5", "train/uniform")
     assert values and all(-8.0 <= v <= 0.0 for v in values)
 
 
