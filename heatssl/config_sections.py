@@ -20,7 +20,7 @@ from heatssl.model.decoder import DecoderNorm
 from heatssl.model.heat import InitRule, PredictorKind, StepRule
 from heatssl.model.qbheat import LossRegion, Target, TeacherResolution
 from heatssl.model.quadrants import QuadrantChoice
-from heatssl.model.teacher import Encoder, LatentLoss
+from heatssl.model.teacher import Encoder, GlobalLoss, LatentLoss
 
 
 def must(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -122,6 +122,8 @@ class LossConfig:
     latent_head: int = 0  # hidden width of a per-cell MLP before the latent loss (0: none)
     teacher_resolution: TeacherResolution = "full"  # half: the teacher sees the image at half size
     global_weight: float = 0.0  # pooled quarter -> MLP -> the teacher's pooled image (1 - cos)
+    global_loss: GlobalLoss = "cosine"  # infonce: the batch's other images are negatives (MoCo v3)
+    global_temperature: float = 0.2  # the infonce temperature
     view_jitter: float = (
         0.0  # colour jitter strength, drawn apart for student and teacher (0: none)
     )
@@ -166,6 +168,12 @@ class LossConfig:
             self.encoder,
             "'student' when loss.target='pixels' (only 'teacher' and 'both' train an EMA "
             "teacher); fix: loss.encoder=student, or loss.target=both",
+        )
+        must(
+            self.global_temperature > 0,
+            "loss.global_temperature",
+            self.global_temperature,
+            "> 0 (it divides the cosine similarities of loss.global_loss=infonce); e.g. 0.2",
         )
         must(
             0.0 <= self.teacher_momentum <= 1.0,

@@ -30,11 +30,13 @@ from heatssl.model.quadrants import (
 from heatssl.model.teacher import (
     EmaTeacher,
     Encoder,
+    GlobalLoss,
     LatentLoss,
     check_jitter,
     check_momentum,
     colour_jitter,
     feature_spread,
+    global_loss,
     latent_loss,
 )
 from heatssl.model.uniformity import UniformityLoss
@@ -59,7 +61,7 @@ class QBHeatOutput:
     quadrant: Tensor
     block: Tensor  # the encoder's grid of the kept quarter (N, d, h, w)
     latent: Tensor | None = None  # the loss against the EMA teacher's grid (target teacher / both)
-    global_latent: Tensor | None = None  # 1 - cos of the pooled prediction and the teacher's pool
+    global_latent: Tensor | None = None  # the pooled prediction against the teacher's pool
     teacher_spread: Tensor | None = None  # batch std of the teacher's pooled grid: ~0 = collapse
     pair: Tensor | None = None  # the two kept quadrants' invariance term (pair_weight > 0)
     uniform: Tensor | None = None  # uniformity of the pooled encoder grids (uniform_weight > 0)
@@ -110,6 +112,10 @@ class QBHeat(nn.Module):
             kept quarter, pooled and passed through a small MLP, predicts the teacher's pooled grid
             of the whole image, scored by ``1 - cos`` (BYOL's loss, DINO's local-to-global view).
             The features a kNN probe compares are pooled ones; this term shapes them directly.
+        global_loss: How the global term scores: ``cosine`` (``1 - cos``, BYOL) or ``infonce``
+            (MoCo v3: the batch's other teacher pools are negatives), see
+            :func:`~heatssl.model.teacher.global_loss`.
+        global_temperature: The ``infonce`` temperature.
         view_jitter: Strength in [0, 1] of a colour jitter (:func:`~heatssl.model.teacher.colour_jitter`)
             drawn apart for the student's and the teacher's input while training (needs a teacher):
             the same crop in two colourings, so the latent and global targets ask for colour
@@ -148,6 +154,8 @@ class QBHeat(nn.Module):
         teacher_momentum: float = 0.996,
         latent_head: int = 0,
         global_weight: float = 0.0,
+        global_loss: GlobalLoss = "cosine",
+        global_temperature: float = 0.2,
         teacher_resolution: TeacherResolution = "full",
         view_jitter: float = 0.0,
         pair_weight: float = 0.0,
@@ -159,6 +167,12 @@ class QBHeat(nn.Module):
         check_choice("target", target, Target)
         check_choice("latent_loss", latent_loss, LatentLoss)
         check_choice("teacher_resolution", teacher_resolution, TeacherResolution)
+        check_choice("global_loss", global_loss, GlobalLoss)
+        if not global_temperature > 0:
+            raise ArgumentError(
+                f"global_temperature={global_temperature!r} must be > 0: it divides the cosine "
+                f"similarities of the infonce global term. Fix: e.g. global_temperature=0.2."
+            )
         check_momentum(teacher_momentum)
         weights = ("teacher_weight", teacher_weight), ("pixel_weight", pixel_weight)
         for name, value in (
@@ -231,6 +245,7 @@ class QBHeat(nn.Module):
             )
         check_jitter(view_jitter)
         self.global_weight, self.teacher_resolution = global_weight, teacher_resolution
+        self.global_kind, self.global_temperature = global_loss, global_temperature
         self.view_jitter = view_jitter
         self.global_head: nn.Module | None = (
             nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -320,8 +335,8 @@ class QBHeat(nn.Module):
             spread = feature_spread(goal)
             if self.global_head is not None:
                 pooled = self.global_head(z.float().mean(dim=(-2, -1)))
-                aim = goal.detach().float().mean(dim=(-2, -1))
-                glob = 1.0 - F.cosine_similarity(pooled, aim, dim=1, eps=1e-6).mean()
+                aim = goal.float().mean(dim=(-2, -1))
+                glob = global_loss(pooled, aim, self.global_kind, self.global_temperature)
         # target=teacher: the decoder learns from the detached grid, as a probe of it
         pred = self.decoder(grid.detach() if self.target_kind == "teacher" else grid)
         weight = quadrant_mask(q, h, w) if self.region == "masked" else None

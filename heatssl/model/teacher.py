@@ -31,6 +31,10 @@ from heatssl.model.quadrants import quadrant_mask
 
 LatentLoss = Literal["smooth_l1", "cosine"]
 """How a predicted cell is scored against the teacher's: ``smooth_l1`` (data2vec) or ``cosine``."""
+GlobalLoss = Literal["cosine", "infonce"]
+"""How the global term scores the pooled quarter's prediction against the teacher's pooled image:
+``cosine`` (BYOL's ``1 - cos``) or ``infonce`` (MoCo v3's: the other images' teacher pools of the
+batch are the negatives)."""
 Encoder = Literal["student", "teacher"]
 """Which encoder a run's backbone is: the trained ``student`` or its EMA ``teacher``."""
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, torchvision's rgb_to_grayscale
@@ -126,6 +130,30 @@ def latent_loss(pred: Tensor, target: Tensor, quadrant: Tensor, kind: LatentLoss
         err = 1.0 - F.cosine_similarity(p, goal, dim=1, eps=1e-6).unsqueeze(1)
     weight = quadrant_mask(quadrant, pred.shape[-2], pred.shape[-1])
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def global_loss(
+    pred: Tensor, aim: Tensor, kind: GlobalLoss = "cosine", temperature: float = 0.2
+) -> Tensor:
+    """The global term of a batch: each row of ``pred`` (N, d), the student's pooled quarter
+    through its MLP, against the same image's row of ``aim`` (N, d), the teacher's pooled image
+    (no gradient). ``cosine``: mean ``1 - cos``, 0 to 2. ``infonce``: cross-entropy of the cosine
+    similarities to every row of ``aim`` over ``temperature``, the own row the right answer (MoCo
+    v3's loss with the batch as negatives): it also pushes different images apart, as a contrastive
+    loss does; ``log N`` for a batch of N that says nothing."""
+    check_choice("global_loss", kind, GlobalLoss)
+    if not temperature > 0:
+        raise ArgumentError(
+            f"temperature={temperature!r} must be > 0: it divides the cosine similarities. "
+            f"Fix: e.g. 0.2 (MoCo v3's)."
+        )
+    p, a = pred.float(), aim.detach().float()
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(p, a, dim=1, eps=1e-6).mean()
+    with torch.autocast(p.device.type, enabled=False):
+        logits = F.normalize(p, dim=1, eps=1e-6) @ F.normalize(a, dim=1, eps=1e-6).T
+    labels = torch.arange(p.shape[0], device=p.device)
+    return F.cross_entropy(logits / temperature, labels)
 
 
 def feature_spread(grid: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ QB-Heat's ``target=teacher / both`` end to end (model, config, a Lightning run, 
 from __future__ import annotations
 
 import csv
+import math
 import re
 
 import pytest
@@ -18,6 +19,7 @@ from heatssl.model.teacher import (
     EmaTeacher,
     colour_jitter,
     feature_spread,
+    global_loss,
     latent_loss,
     standardize_cells,
     teacher_momentum,
@@ -207,6 +209,46 @@ def test_the_global_term_pools_the_quarter_against_the_teachers_whole_image(spec
     assert all(p.grad is None for p in glob.teacher.parameters())
 
 
+def test_global_loss_cosine_and_infonce_by_hand():
+    torch.manual_seed(0)
+    pred = torch.randn(5, 6, requires_grad=True)
+    aim = torch.randn(5, 6, requires_grad=True)
+    cos = torch.nn.functional.cosine_similarity
+    by_hand = 1 - cos(pred, aim, dim=1).mean()
+    torch.testing.assert_close(global_loss(pred, aim, "cosine"), by_hand)
+    sims = torch.stack([cos(pred[i : i + 1], aim, dim=1) for i in range(5)])  # (pred i, aim j)
+    nce = -(sims.diagonal() / 0.5 - torch.logsumexp(sims / 0.5, dim=1)).mean()
+    torch.testing.assert_close(global_loss(pred, aim, "infonce", 0.5), nce)
+    global_loss(pred, aim, "infonce").backward()
+    assert pred.grad is not None and aim.grad is None  # the teacher's pools are targets only
+    # matched rows far from the others score near 0; a batch that tells nothing apart, log N
+    rows = torch.eye(8)
+    assert global_loss(rows, rows * 3.0, "infonce", 0.1).item() < 1e-3
+    assert global_loss(torch.ones(8, 8), torch.ones(8, 8), "infonce").item() == pytest.approx(
+        math.log(8), abs=1e-5
+    )
+    with pytest.raises(ArgumentError, match=r"temperature=0\.0 must be > 0"):
+        global_loss(pred, aim, "infonce", 0.0)
+    with pytest.raises(ArgumentError, match=r"global_loss='l2' is not allowed"):
+        global_loss(pred, aim, "l2")
+
+
+def test_the_infonce_global_term_scores_the_pooled_quarter_against_the_batchs_teacher_pools():
+    images, q = _images(4, RESNET_OS16[1]), torch.tensor([0, 1, 2, 3])
+    model = _model(target="both", heat_dim=8, global_weight=0.5, global_loss="infonce")
+    model.train()
+    out = model(images, quadrant=q)
+    with torch.no_grad():
+        z = model.project(model.backbone(crop_quadrant(images, q), quadrant=q))
+        goal = model.teacher_grid(images)
+        pooled = model.global_head(z.mean(dim=(-2, -1)))
+    expected = global_loss(pooled, goal.mean(dim=(-2, -1)), "infonce", 0.2)
+    torch.testing.assert_close(out.global_latent, expected)
+    assert load_config("demo", ["loss.target=both"]).loss.global_loss == "cosine"  # the default
+    with pytest.raises(ConfigError, match=r"loss\.global_temperature"):
+        load_config("demo", ["loss.target=both", "loss.global_temperature=-1"])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -217,6 +259,8 @@ def test_the_global_term_pools_the_quarter_against_the_teachers_whole_image(spec
         (dict(target="both", view_jitter=1.5), r"view_jitter=1.5 must be in \[0, 1\]"),
         (dict(target="latent"), "target='latent' is not allowed. Allowed: 'pixels', 'teacher'"),
         (dict(latent_loss="mse"), "latent_loss='mse' is not allowed"),
+        (dict(global_loss="nce"), "global_loss='nce' is not allowed. Allowed: 'cosine', 'infonce'"),
+        (dict(global_temperature=0.0), "global_temperature=0.0 must be > 0"),
         (dict(teacher_momentum=1.2), r"teacher_momentum=1.2 must be in \[0, 1\]"),
         (dict(teacher_weight=-1.0), "teacher_weight=-1.0 must be >= 0"),
         (dict(pixel_weight=float("nan")), "pixel_weight=nan must be >= 0"),
