@@ -34,6 +34,7 @@ from heatssl.model.teacher import (
     LatentLoss,
     check_jitter,
     check_momentum,
+    check_temperature,
     colour_jitter,
     feature_spread,
     global_loss,
@@ -112,10 +113,8 @@ class QBHeat(nn.Module):
             kept quarter, pooled and passed through a small MLP, predicts the teacher's pooled grid
             of the whole image, scored by ``1 - cos`` (BYOL's loss, DINO's local-to-global view).
             The features a kNN probe compares are pooled ones; this term shapes them directly.
-        global_loss: How the global term scores: ``cosine`` (``1 - cos``, BYOL) or ``infonce``
-            (MoCo v3: the batch's other teacher pools are negatives), see
-            :func:`~heatssl.model.teacher.global_loss`.
-        global_temperature: The ``infonce`` temperature.
+        global_loss, global_temperature: How the global term scores, ``cosine`` (BYOL) or
+            ``infonce`` (MoCo v3) at that temperature: :func:`~heatssl.model.teacher.global_loss`.
         view_jitter: Strength in [0, 1] of a colour jitter (:func:`~heatssl.model.teacher.colour_jitter`)
             drawn apart for the student's and the teacher's input while training (needs a teacher):
             the same crop in two colourings, so the latent and global targets ask for colour
@@ -124,9 +123,7 @@ class QBHeat(nn.Module):
             training the student also encodes a second, different quadrant of the image, and the
             two pooled grids predict each other (SimSiam's loss); no teacher needed. 0: off.
         uniform_weight: Weight of the uniformity term (:mod:`~heatssl.model.uniformity`) on the
-            backbone's pooled grids of the kept quarters, the features a kNN probe compares: it
-            spreads the batch's images apart on the sphere (Wang and Isola's uniformity, the
-            other half of a contrastive loss); no teacher, no second pass. 0: off.
+            backbone's pooled grids of the kept quarters (what a kNN probe compares). 0: off.
     """
 
     def __init__(
@@ -168,11 +165,7 @@ class QBHeat(nn.Module):
         check_choice("latent_loss", latent_loss, LatentLoss)
         check_choice("teacher_resolution", teacher_resolution, TeacherResolution)
         check_choice("global_loss", global_loss, GlobalLoss)
-        if not global_temperature > 0:
-            raise ArgumentError(
-                f"global_temperature={global_temperature!r} must be > 0: it divides the cosine "
-                f"similarities of the infonce global term. Fix: e.g. global_temperature=0.2."
-            )
+        check_temperature(global_temperature, "global_temperature")
         check_momentum(teacher_momentum)
         weights = ("teacher_weight", teacher_weight), ("pixel_weight", pixel_weight)
         for name, value in (
@@ -232,17 +225,12 @@ class QBHeat(nn.Module):
             if latent_head and target != "pixels"
             else nn.Identity()
         )
-        if global_weight > 0 and target == "pixels":
-            raise ArgumentError(
-                f"global_weight={global_weight!r} needs an EMA teacher, and target='pixels' has "
-                f"none. Fix: target='both' (or 'teacher'), or global_weight=0."
-            )
-        if view_jitter != 0 and target == "pixels":
-            raise ArgumentError(
-                f"view_jitter={view_jitter!r} needs an EMA teacher (it makes the student's and the "
-                f"teacher's views differ), and target='pixels' has none. Fix: target='both', or "
-                f"view_jitter=0."
-            )
+        for name, value in ("global_weight", global_weight), ("view_jitter", view_jitter):
+            if value != 0 and target == "pixels":  # a pooled target; a second colouring
+                raise ArgumentError(
+                    f"{name}={value!r} needs an EMA teacher, and target='pixels' has none. Fix: "
+                    f"target='both' (or 'teacher'), or {name}=0."
+                )
         check_jitter(view_jitter)
         self.global_weight, self.teacher_resolution = global_weight, teacher_resolution
         self.global_kind, self.global_temperature = global_loss, global_temperature
@@ -252,9 +240,8 @@ class QBHeat(nn.Module):
             if global_weight > 0
             else None
         )
-        self.pair_weight = pair_weight
+        self.pair_weight, self.uniform_weight = pair_weight, uniform_weight
         self.pair_term = PairTerm(dim) if pair_weight > 0 else None
-        self.uniform_weight = uniform_weight
         self.uniformity = UniformityLoss() if uniform_weight > 0 else None
         # Built last, from the initial student: nothing at all with pixel targets.
         self.teacher = EmaTeacher(backbone, self.project) if target != "pixels" else None

@@ -132,6 +132,15 @@ def latent_loss(pred: Tensor, target: Tensor, quadrant: Tensor, kind: LatentLoss
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def check_temperature(value: float, name: str = "temperature") -> None:
+    """A softmax temperature is > 0 (an error naming ``name`` otherwise)."""
+    if not value > 0:
+        raise ArgumentError(
+            f"{name}={value!r} must be > 0: it divides the cosine similarities of the infonce "
+            f"global term. Fix: e.g. {name}=0.2 (MoCo v3's)."
+        )
+
+
 def global_loss(
     pred: Tensor, aim: Tensor, kind: GlobalLoss = "cosine", temperature: float = 0.2
 ) -> Tensor:
@@ -142,11 +151,7 @@ def global_loss(
     v3's loss with the batch as negatives): it also pushes different images apart, as a contrastive
     loss does; ``log N`` for a batch of N that says nothing."""
     check_choice("global_loss", kind, GlobalLoss)
-    if not temperature > 0:
-        raise ArgumentError(
-            f"temperature={temperature!r} must be > 0: it divides the cosine similarities. "
-            f"Fix: e.g. 0.2 (MoCo v3's)."
-        )
+    check_temperature(temperature)
     p, a = pred.float(), aim.detach().float()
     if kind == "cosine":
         return 1.0 - F.cosine_similarity(p, a, dim=1, eps=1e-6).mean()
